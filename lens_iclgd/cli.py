@@ -105,12 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party() -> None:
+    """TransformerLens 3.x warns on every load that it prefers TransformerBridge, and the
+    GGUF conversion draws progress bars; neither helps a user of this tool."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for noisy in ("transformers", "datasets", "huggingface_hub", "transformer_lens", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()  # before anything imports transformers
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[lens-iclgd] %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "datasets", "huggingface_hub", "transformer_lens"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Progress goes to stdout; stderr is kept for the one-line error (and real warnings).
+    logging.basicConfig(level=logging.INFO, format="[lens-iclgd] %(message)s", stream=sys.stdout, force=True)
     try:
         args.func(args)
     except UserError as e:

@@ -130,7 +130,12 @@ def build_prompts(
         if budget < 0:
             break
         fits += 1
-    # GD trains on [BOS] + demo, which must fit too (it does whenever the ICL prompt does).
+    if fits == 0:
+        raise UserError(
+            f"task {task.name}: no demonstration fits the {n_ctx}-token context next to the longest test "
+            f"prompt ({query_len} tokens); use a model with a longer context or shorter examples"
+        )
+    # GD trains on [BOS] + demo, which fits whenever the ICL prompt does.
     return PromptSet(
         task=task, bos=bos, separator=sep, options=options, demos=demos[:fits],
         demo_rows=demo_idx[:fits], demo_labels=[int(train_rows[i][task.label_field]) for i in demo_idx[:fits]],

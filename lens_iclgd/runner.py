@@ -35,7 +35,7 @@ from .finetune import FinetuneLog, check_method, finetuned
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
 from .prompts import PromptSet, build_prompts
 from .record import DEFAULT_POSITION, Recording, check_position, record
-from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key
+from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key, removed_if_empty_on_error
 from .tasks import DEFAULT_TASK, Task, load_split, load_task
 
 log = logging.getLogger("lens_iclgd")
@@ -121,11 +121,17 @@ class Inputs:
     eval_rows: list[dict]
     hooks: list = field(default_factory=list)
     ablation: list[dict] = field(default_factory=list)
+    lr_source: str = "--lr"
 
 
 def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
-    """Load task data and model, build the prompts and ablation hooks."""
+    """Load task data and model, build the prompts and ablation hooks; every input error
+    surfaces here, before any recording or training."""
     task = load_task(config.task)
+    lr_source = "--lr"
+    if config.lr is None and config.ft_methods:
+        lr, lr_source = default_lr(config.model, task)
+        config = dataclasses.replace(config, lr=lr)
     train_rows = load_split(task, task.train_split, config.data_dir)
     eval_rows = load_split(task, task.eval_split, config.data_dir)
     if loaded is None:
@@ -136,7 +142,7 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
         log.info("k=%d demonstrations do not fit the %d-token context; using the first %d", config.k, prompts.n_ctx, prompts.k)
     specs = parse_ablation(config.ablate, config.ablate_mode)
     hooks = ablation_hooks(loaded.model, specs, prompts) if specs else []
-    return Inputs(config, task, loaded, prompts, eval_rows, hooks, [s.describe() for s in specs])
+    return Inputs(config, task, loaded, prompts, eval_rows, hooks, [s.describe() for s in specs], lr_source)
 
 
 def stage_keys(inp: Inputs) -> dict[str, str]:
@@ -198,13 +204,17 @@ def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str
 def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None) -> dict[str, Any]:
     """Run one cell end to end; write results to `out` (if given) and return them."""
     config = config.validate()
-    if out is not None:
+    if out is None:
+        return _run(config, None, loaded)
+    with removed_if_empty_on_error(Path(out)):
         check_writable(Path(out))
+        return _run(config, Path(out), loaded)
+
+
+def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     inp = prepare(config, loaded)
     c, p = inp.config, inp.prompts
-    lr, lr_source = (c.lr, "--lr") if c.lr is not None else default_lr(c.model, inp.task)
-    c = inp.config = dataclasses.replace(c, lr=lr)
     store = StageStore(Path(out) / "stages") if out is not None else None
     keys = stage_keys(inp)
 
@@ -216,11 +226,11 @@ def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = 
             stages[stage] = cached
             continue
         log.info("%s: running on %d test examples%s", stage, len(p.queries), f" (k={p.k})" if stage != "zs" else "")
-        stages[stage] = compute_stage(inp, stage, lr)
+        stages[stage] = compute_stage(inp, stage, c.lr)
         if store:
             store.save(stage, keys[stage], stages[stage])
 
-    results = assemble_results(inp, stages, lr_source, time.perf_counter() - t_start)
+    results = assemble_results(inp, stages, time.perf_counter() - t_start)
     if out is not None:
         write_results(Path(out), results, examples_table(inp, stages), per_layer_table(inp, stages))
     return results
@@ -230,13 +240,13 @@ def _setting_names(stages: dict[str, Any]) -> list[str]:
     return ["zs"] + [m for m in SETTINGS if m in stages]
 
 
-def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], lr_source: str, seconds: float) -> dict[str, Any]:
+def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     c, p, lm = inp.config, inp.prompts, inp.loaded
     zs = stages["zs"]["recording"]
     config = {
         **dataclasses.asdict(c), "methods": list(c.methods),
         "k_requested": p.k_requested, "k_effective": p.k, "n_test_effective": len(p.queries),
-        "lr_source": lr_source, "recorded_position": c.position,
+        "lr_source": inp.lr_source if c.ft_methods else None, "recorded_position": c.position,
         "recorded_position_meaning": "first token of the first answer option after the test prompt (original code)"
         if c.position == "answer" else "last token of the test prompt",
         "task_spec": inp.task.spec(), "separator": "\\n", "model_source": lm.source,
@@ -346,7 +356,7 @@ def summary_table(results: dict) -> str:
     c = results["config"]
     lines = [
         f"task {c['task']} | model {c['model']} ({c['baseline']}) | k {c['k_effective']} (asked {c['k_requested']}) "
-        f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {c['lr']:g} | position {c['recorded_position']}",
+        f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {'-' if c['lr'] is None else format(c['lr'], 'g')} | position {c['recorded_position']}",
         "accuracy: " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in results["accuracy"].items()),
     ]
     names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta", "Rec2FTP"]

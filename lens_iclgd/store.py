@@ -14,7 +14,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,9 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+MIN_FREE_BYTES = 64 << 20  # a cell's recordings and tables take a few MB to tens of MB
+
+
 def check_writable(directory: Path) -> Path:
     """Fail before any compute if results could not be written."""
     directory = Path(directory)
@@ -84,7 +89,26 @@ def check_writable(directory: Path) -> Path:
         os.unlink(tmp)
     except OSError as e:
         raise UserError(f"output directory {directory} is not writable ({e.strerror}): pass a writable --out") from e
+    free = shutil.disk_usage(directory).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"output directory {directory} has only {free >> 20} MB free: free space or pass another --out")
     return directory
+
+
+@contextmanager
+def removed_if_empty_on_error(directory: Path):
+    """A run that fails leaves no empty output directories behind."""
+    directory = Path(directory)
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in [directory / "stages", *missing]:
+            try:
+                p.rmdir()  # only succeeds if empty
+            except OSError:
+                pass
+        raise
 
 
 class StageStore:

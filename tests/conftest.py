@@ -96,3 +96,20 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
 
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "lens_iclgd.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama-architecture model saved as a local Hugging Face directory, so
+    the real CLI can run end to end in seconds (and the local-directory loader is used)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_hf_model")  # no "llama" in the path: TL would branch on the name
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.pad_token_id,
+                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,112 @@
+"""The real CLI in a subprocess: a tiny local model end to end, and bad input failing
+with one line on stderr, a non-zero exit code, and no results left behind."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, run_cli
+
+SST2 = ["--task", "sst2", "--data-dir", str(SHARED_DATA)]
+
+
+def test_tiny_local_model_end_to_end(tiny_hf_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_hf_dir), *SST2, "--k", "4", "--n-test", "12", "--lr", "0.01", "--out", str(out)]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["model_source"] == "local-hf"
+    assert set(results["accuracy"]) == {"zs", "icl", "gd", "lcgd"}
+    assert "SimAOU" in proc.stdout and "ICL" in proc.stdout  # the summary table
+    # rerunning reuses every finished stage and gives the same numbers
+    again = run_cli(args)
+    assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 4
+    assert json.loads((out / "results.json").read_text())["metrics"] == results["metrics"]
+
+
+def _bad_task(tmp_path: Path, template="Text: {text} Label:", answers='["Negative", "Positive"]', text="a fine film") -> str:
+    rows = [{"text": text, "label": i % 2} for i in range(20)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "task.toml"
+    path.write_text(f'name = "t"\ntemplate = "{template}"\nanswers = {answers}\neval_split = "test"\n'
+                    '[files]\ntrain = "train.jsonl"\ntest = "test.jsonl"\n')
+    return str(path)
+
+
+CASES = {
+    "unknown task": (lambda tmp, m: ["--task", "sst3"], "unknown task 'sst3'"),
+    "unknown model": (lambda tmp, m: ["--model", "no-such-model"], "unknown model"),
+    "unknown baseline": (lambda tmp, m: ["--baseline", "half"], "unknown baseline"),
+    "unknown method": (lambda tmp, m: ["--methods", "icl,adam"], "unknown method 'adam'"),
+    "k not an integer": (lambda tmp, m: ["--k", "four"], "is not an integer"),
+    "k zero": (lambda tmp, m: ["--k", "0"], "k must be > 0"),
+    "n-test negative": (lambda tmp, m: ["--n-test", "-3"], "n_test must be > 0"),
+    "lr zero": (lambda tmp, m: ["--lr", "0"], "lr must be a finite number > 0"),
+    "lr nan": (lambda tmp, m: ["--lr", "nan"], "lr must be a finite number > 0"),
+    "lr inf": (lambda tmp, m: ["--lr", "inf"], "lr must be a finite number > 0"),
+    "seed not an integer": (lambda tmp, m: ["--seed", "1.5"], "is not an integer"),
+    "missing data dir": (lambda tmp, m: ["--task", "sst2", "--data-dir", str(tmp / "nope")], "does not exist"),
+    "missing data file": (lambda tmp, m: ["--task", "cb", "--data-dir", str(tmp)], "missing data file"),
+    "task file missing": (lambda tmp, m: ["--task", str(tmp / "none.toml")], "does not exist"),
+    "malformed task toml": (lambda tmp, m: ["--task", str(_write(tmp / "x.toml", "name = ["))], "not valid TOML"),
+    "template field missing": (lambda tmp, m: ["--task", _bad_task(tmp, template="Text: {review} Label:"), "--model", m], "template field {review}"),
+    "answers tokenize alike": (lambda tmp, m: ["--task", _bad_task(tmp, answers='["Zyxwv", "Qwrtp"]'), "--model", m], "tokenize to the same tokens"),
+    "prompt longer than context": (lambda tmp, m: ["--task", _bad_task(tmp, text="film " * 400), "--model", m], "even with zero demonstrations"),
+    "k larger than pool": (lambda tmp, m: ["--task", _bad_task(tmp), "--model", m, "--k", "50"], "more than the 20 training examples"),
+    "bad ablation": (lambda tmp, m: ["--ablate", "3:5"], "cannot parse ablation"),
+    "ablation out of range": (lambda tmp, m: [*SST2, "--model", m, "--ablate", "9.0"], "has layers 0..1"),
+    "nan during training": (lambda tmp, m: [*SST2, "--model", m, "--lr", "1e38", "--k", "2"], "loss became"),
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_with_one_line(case, tmp_path, tiny_hf_dir):
+    make_args, message = CASES[case]
+    out = tmp_path / "out"
+    args = ["run", "--n-test", "4", "--k", "2", "--lr", "0.01", "--out", str(out)]
+    args += make_args(tmp_path, str(tiny_hf_dir))
+    proc = run_cli(args)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "results.json").exists()
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"] if out.exists() else []
+    assert not leftovers
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = _write(tmp_path / "file", "not a directory")
+    proc = run_cli(["run", "--out", str(blocker / "out")])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "not writable" in proc.stderr
+
+
+def test_full_output_dir(tmp_path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        proc = run_cli(["run", "--out", str(mnt / "out")])
+        assert proc.returncode == 1
+        assert len(proc.stderr.strip().splitlines()) == 1 and "MB free" in proc.stderr
+        assert not list(mnt.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_debug_shows_traceback():
+    proc = run_cli(["--debug", "run", "--task", "sst3"])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

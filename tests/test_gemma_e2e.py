@@ -1,0 +1,60 @@
+"""The real offline model (gemma-3-270m from its PyPI wheels) on real SST-2 data."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import SHARED_DATA, read_jsonl, run_cli
+from lens_iclgd.models import load_model
+from lens_iclgd.prompts import build_prompts
+from lens_iclgd.record import record, record_reference
+from lens_iclgd.tasks import load_task
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("gemma-3-270m")
+
+
+def test_gemma_prefix_cache_equals_full_prompt(gemma):
+    rows = {s: read_jsonl(SHARED_DATA / "sst2" / f"{s}.jsonl", 200) for s in ("train", "validation")}
+    p = build_prompts(gemma.model, load_task("sst2"), rows["train"], rows["validation"], k=4, seed=0, n_test=3)
+    assert gemma.model.cfg.n_layers == 18 and gemma.model.cfg.n_key_value_heads == 1
+    for prefix in (p.zs_prefix(), p.icl_prefix()):
+        fast = record(gemma.model, prefix, p.queries, p.options, batch_size=2)
+        ref = record_reference(gemma.model, prefix, p.queries, p.options)
+        assert torch.allclose(fast.option_logprobs, ref.option_logprobs, atol=2e-4)
+        assert torch.allclose(fast.attn_out, ref.attn_out, atol=2e-3, rtol=1e-3)
+        assert torch.allclose(fast.attn_scores.nan_to_num(), ref.attn_scores.nan_to_num(), atol=2e-3, rtol=1e-3)
+
+
+def test_gemma_cli_end_to_end(tmp_path):
+    out = tmp_path / "gemma"
+    proc = run_cli(["run", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--n-test", "8", "--k", "4",
+                    "--seed", "1", "--out", str(out)], timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    c = r["config"]
+    assert (c["model"], c["k_effective"], c["n_test_effective"], c["recorded_position"]) == ("gemma-3-270m", 4, 8, "answer")
+    assert c["model_checksum_sha256"].startswith("a5fd3b62")
+    assert set(r["accuracy"]) == {"zs", "icl", "gd", "lcgd"}
+    for method in ("gd", "lcgd"):
+        m = r["metrics"][method]
+        for name in ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta"):
+            assert len(m[name]["per_layer"]) == 18
+            assert all(-1 <= v <= 1 for v in m[name]["per_layer"]) and -1 <= m[name]["mean"] <= 1
+            assert math.isclose(m[name]["mean"], sum(m[name]["per_layer"]) / 18, rel_tol=1e-5)
+        assert len(m["SimAM"]["per_head"]) == 18 and len(m["SimAM"]["per_head"][0]) == 4
+        assert "Rec2FTP" in m
+        norms = r["grad_norms"][method]
+        assert len(norms) == 18 and all(len(row) == 4 and all(v > 0 for v in row) for row in norms)
+    assert len(r["alpha"]["per_layer"]) == 18
+    examples = pd.read_csv(out / "examples.csv")
+    assert len(examples) == 8 and {"zs_pred", "icl_pred", "gd_pred", "lcgd_pred"} <= set(examples.columns)
+    assert (examples["icl_correct"].mean() - r["accuracy"]["icl"]) ** 2 < 1e-12
+    assert len(pd.read_parquet(out / "per_layer.parquet")) == 2 * 8 * 18
