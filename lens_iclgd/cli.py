@@ -49,7 +49,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from .models import DEFAULT_MODEL
-    from .record import DEFAULT_POSITION, POSITIONS
+    from .recording import DEFAULT_POSITION, POSITIONS
     from .tasks import DEFAULT_TASK
 
     p.add_argument("--task", default=DEFAULT_TASK, help=f"built-in task name or path to a task .toml (default {DEFAULT_TASK}, offline)")
@@ -84,13 +84,40 @@ def _default_out(cfg) -> Path:
 
 
 def cmd_run(args) -> None:
-    from .runner import run, summary_table
+    from .runner import orders_table, run, run_orders, summary_table
 
     cfg = _config_from_args(args).validate()
     out = Path(args.out) if args.out else _default_out(cfg)
+    if args.orders is not None:
+        print(orders_table(run_orders(cfg, args.orders, out)))
+        print(f"results: {out / 'orders.json'}")
+        return
     results = run(cfg, out)
     print(summary_table(results))
     print(f"results: {out / 'results.json'}")
+
+
+def cmd_views(args) -> None:
+    from .views import write_views
+
+    for path in write_views(args.run_dir, args.out):
+        print(f"wrote {path}")
+
+
+def cmd_grid(args) -> None:
+    from .grid import load_grid, run_grid
+
+    grid = load_grid(args.config)
+    if args.data_dir is not None:
+        grid.data_dir = args.data_dir
+    run_grid(grid, args.results or Path("runs") / Path(args.config).stem, args.shard, args.retry_failed)
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    out = write_report(args.results_dir, args.out, command=args.command_line)
+    print(f"report: {out / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one cell (ZS, ICL, GD, LCGD) and write results.json")
     _add_run_args(p)
     p.add_argument("--out", default=None, help="output directory (default runs/<task>_<model>_...)")
+    p.add_argument("--orders", type=_int, default=None, metavar="P",
+                   help="order sensitivity: run the same demonstrations in P orders and report the spread")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("views", help="per-head SimAM heatmaps and per-layer SimAOU bars of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="directory for the PNGs (default RUN_DIR/views)")
+    p.set_defaults(func=cmd_views)
+
+    p = sub.add_parser("grid", help="run every cell of an experiment config (resumable, shardable)")
+    p.add_argument("config", help="experiment config, e.g. experiments/table2.toml")
+    p.add_argument("--results", default=None, help="results directory (default runs/<config name>)")
+    p.add_argument("--data-dir", default=None, help="overrides the config's data_dir")
+    p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint slices (0-based)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells whose training diverged")
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("report", help="tables, figures and findings from a results directory")
+    p.add_argument("results_dir")
+    p.add_argument("--out", default=None, help="report directory (default RESULTS_DIR/report)")
+    p.add_argument("--command-line", default=None, help="the command that produced the results, quoted in the report")
+    p.set_defaults(func=cmd_report)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="optimised vs naive pipeline on one cell: times, FLOP/s, memory, speedup")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run_bench)
     return parser
 
 
@@ -121,6 +175,9 @@ def quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()  # before anything imports transformers
+    from .fast import tune_malloc
+
+    tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     # Progress goes to stdout; stderr is kept for the one-line error (and real warnings).

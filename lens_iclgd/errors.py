@@ -14,3 +14,11 @@ class TrainingDiverged(UserError):
             f"{method} loss became {value} at {where} (lr={lr:g}): lower the learning rate with --lr"
         )
         self.method, self.step, self.layer, self.value = method, step, layer, value
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """One place for "an integer >= minimum" (bools are not integers here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value}")

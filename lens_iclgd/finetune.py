@@ -11,15 +11,17 @@ the loss of a demonstration is the next-token cross-entropy summed over all its 
   (a hook on `blocks.{l}.hook_resid_pre`), so layer l's update depends only on layer l's
   own prediction error and nothing from deeper layers reaches a shallower one.
 
-The vocabulary projection is the expensive part (gemma-3-270m: 262k words, 18 layers).
-`linear_cross_entropy` computes it chunk by chunk over the vocabulary, fusing the softmax
-gradient into the same pass, so no layer's full logits are ever held in memory.
+The vocabulary projection is the expensive part (gemma-3-270m: 262k words, 18 layers):
+all layers' rows go through one `vocab.linear_cross_entropy` call, which walks the
+vocabulary in chunks with the softmax gradient fused into the same pass, so no layer's
+full logits are ever held in memory and W_U is read once per step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,71 +30,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .errors import TrainingDiverged, UserError
+from .fast import fast_forward
 from .models import kv_parameters
-from .record import Hook
+from .recording import Hook
+from .vocab import linear_cross_entropy
 
 METHODS = ("gd", "lcgd")
-VOCAB_CHUNK = 16384
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of (x @ W + b), optionally soft-capped, without materialising
-    the [rows, vocab] logits. One pass over vocabulary chunks keeps a running max, a running
-    sum of exp and the running softmax-weighted sum of W's columns (online softmax), which
-    is exactly d lse / d x. W and b are frozen (the model's own unembedding)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, targets: Tensor, cap: float, chunk: int) -> Tensor:
-        n = x.shape[0]
-        run_max = torch.full((n,), float("-inf"), dtype=x.dtype)
-        run_sum = torch.zeros(n, dtype=x.dtype)
-        run_grad = torch.zeros_like(x)
-        for lo in range(0, W.shape[1], chunk):
-            u = torch.addmm(b[lo : lo + chunk], x, W[:, lo : lo + chunk])
-            if cap > 0:
-                t = torch.tanh(u / cap)
-                z, dz = cap * t, 1 - t * t
-            else:
-                z, dz = u, None
-            new_max = torch.maximum(run_max, z.max(-1).values)
-            scale = torch.exp(run_max - new_max)
-            e = torch.exp(z - new_max[:, None])
-            run_sum = run_sum * scale + e.sum(-1)
-            weighted = e if dz is None else e * dz
-            run_grad = run_grad * scale[:, None] + weighted @ W[:, lo : lo + chunk].T
-            run_max = new_max
-        w_t = W[:, targets].T  # [n, d_model]
-        u_t = (x * w_t).sum(-1) + b[targets]
-        if cap > 0:
-            t_t = torch.tanh(u_t / cap)
-            z_t, dz_t = cap * t_t, 1 - t_t * t_t
-        else:
-            z_t, dz_t = u_t, torch.ones_like(u_t)
-        loss = run_max + torch.log(run_sum) - z_t
-        ctx.save_for_backward(run_grad / run_sum[:, None] - dz_t[:, None] * w_t)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        (grad_x,) = ctx.saved_tensors
-        return grad_loss[:, None] * grad_x, None, None, None, None, None
-
-
-def linear_cross_entropy(
-    x: Float[Tensor, "n d_model"],
-    W: Float[Tensor, "d_model vocab"],
-    b: Float[Tensor, "vocab"] | None,
-    targets: Int[Tensor, "n"],
-    softcap: float | None = None,
-    chunk: int = VOCAB_CHUNK,
-) -> Float[Tensor, "n"]:
-    """Cross-entropy of each row of `softcap(x @ W + b)` against its target token."""
-    if W.requires_grad or (b is not None and b.requires_grad):
-        raise ValueError("linear_cross_entropy expects a frozen unembedding")
-    if b is None:
-        b = torch.zeros(W.shape[1], dtype=x.dtype)
-    cap = float(softcap) if softcap is not None and softcap > 0 else 0.0
-    return _LinearCrossEntropy.apply(x, W, b, targets, cap, chunk)
 
 
 def _unembed_loss(model: HookedTransformer, resid: Float[Tensor, "n d_model"], targets: Tensor) -> Tensor:
@@ -129,6 +72,26 @@ def lcgd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> Float
     return per_token.view(n_layers, -1).sum(-1)
 
 
+def reference_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], method: str) -> Float[Tensor, "layer"]:
+    """The straightforward version (benchmark baseline): TransformerLens's own unembed,
+    full [pos, vocab] logits for every layer, F.cross_entropy."""
+    import torch.nn.functional as F
+
+    targets = tokens[0, 1:]
+    if method == "gd":
+        logits = model(tokens, attention_mask=torch.ones_like(tokens))[0, :-1]
+        return F.cross_entropy(logits, targets, reduction="sum")[None]
+    n_layers = model.cfg.n_layers
+    resid_post: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    hooks = [(f"blocks.{l}.hook_resid_pre", lambda a, hook: a.detach()) for l in range(n_layers)]
+    hooks += [(f"blocks.{l}.hook_resid_post", lambda a, hook, l=l: resid_post.__setitem__(l, a)) for l in range(n_layers)]
+    with model.hooks(fwd_hooks=hooks):
+        model(tokens, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers)
+    return torch.stack([
+        F.cross_entropy(model.unembed(model.ln_final(r))[0, :-1], targets, reduction="sum") for r in resid_post
+    ])
+
+
 _LOSSES = {"gd": gd_losses, "lcgd": lcgd_losses}
 
 
@@ -153,9 +116,15 @@ def train(
     lr: float,
     kv_bias: bool,
     hooks: Sequence[Hook] = (),
+    reference: bool = False,
 ) -> FinetuneLog:
-    """One SGD pass over the demonstrations, updating K/V in place (see `finetuned`)."""
+    """One SGD pass over the demonstrations, updating K/V in place (see `finetuned`).
+    `reference=True` uses the straightforward losses on plain TransformerLens."""
     check_method(method)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise UserError(f"lr must be a finite number > 0, got {lr!r}")
+    if not demos:
+        raise UserError("finetuning needs at least one demonstration")
     layers = kv_parameters(model, kv_bias)
     trained = [p for params in layers.values() for _, p in params]
     was_trainable = {p: p.requires_grad for p in model.parameters()}
@@ -166,10 +135,10 @@ def train(
         p.grad = None
     losses, norms = [], torch.zeros(model.cfg.n_layers, len(demos))
     try:
-        with model.hooks(fwd_hooks=list(hooks)):
+        with model.hooks(fwd_hooks=list(hooks)), (nullcontext() if reference else fast_forward(model)):
             for step, demo in enumerate(demos):
                 tokens = torch.tensor([bos + demo])
-                loss = _LOSSES[method](model, tokens)
+                loss = reference_losses(model, tokens, method) if reference else _LOSSES[method](model, tokens)
                 bad = (~torch.isfinite(loss.detach())).nonzero()
                 if len(bad):
                     layer = int(bad[0]) if method == "lcgd" else None
@@ -200,13 +169,14 @@ def finetuned(
     lr: float,
     kv_bias: bool,
     hooks: Sequence[Hook] = (),
+    reference: bool = False,
 ) -> Iterator[FinetuneLog]:
     """Train K/V in place for the duration of the block, then restore the original
     weights (cheaper than copying the whole model: K/V are a few % of it)."""
     params = [p for ps in kv_parameters(model, kv_bias).values() for _, p in ps]
     saved = [p.detach().clone() for p in params]
     try:
-        yield train(model, demos, bos, method, lr, kv_bias, hooks)
+        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

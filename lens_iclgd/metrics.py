@@ -97,3 +97,19 @@ def _float(x: Tensor | float) -> float | None:
 
 def _floats(x: Tensor) -> list[float | None]:
     return [_float(v) for v in x]
+
+
+def frame(values: dict[str, Tensor]) -> "pd.DataFrame":
+    """Per-example metrics (e.g. `runner.compare(...)`) as one long DataFrame with
+    columns metric, example, layer, [head], value."""
+    import pandas as pd
+
+    parts = []
+    for name, v in values.items():
+        idx = torch.cartesian_prod(*[torch.arange(n) for n in v.shape]).reshape(-1, v.dim())
+        cols = {"metric": name, "example": idx[:, 0].numpy(), "layer": idx[:, 1].numpy()}
+        if v.dim() == 3:
+            cols["head"] = idx[:, 2].numpy()
+        cols["value"] = v.reshape(-1).numpy()
+        parts.append(pd.DataFrame(cols))
+    return pd.concat(parts, ignore_index=True)

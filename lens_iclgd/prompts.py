@@ -18,7 +18,7 @@ from typing import Any
 
 from transformer_lens import HookedTransformer
 
-from .errors import UserError
+from .errors import UserError, check_int
 from .tasks import Task, demo_indices, eval_indices
 
 SEPARATOR = "\n"  # between demonstrations, and between the last one and the test prompt
@@ -104,6 +104,9 @@ def build_prompts(
     """Sample and order demonstrations by `seed`, pick the test examples, tokenize, and
     keep the longest prefix of demonstrations that fits the context together with the
     longest test prompt (PROTOCOL.md)."""
+    check_int("seed", seed, -(2**63))
+    for name, value, minimum in (("k", k, 1), ("n_test", n_test, 1), ("n_heldout", n_heldout, 0)):
+        check_int(name, value, minimum)
     bos, sep = bos_tokens(model), encode(model, SEPARATOR)
     options = answer_options(model, task)
     demo_idx, heldout_idx = demo_indices(len(train_rows), k, seed, n_heldout)

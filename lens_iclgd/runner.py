@@ -18,24 +18,27 @@ import dataclasses
 import logging
 import math
 import platform
+import random
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from . import metrics as M
 from .ablation import ablation_hooks, parse_ablation
-from .errors import UserError
+from .errors import UserError, check_int
 from .finetune import METHODS as FT_METHODS
 from .finetune import FinetuneLog, check_method, finetuned
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
 from .prompts import PromptSet, build_prompts
-from .record import DEFAULT_POSITION, Recording, check_position, record
-from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key, removed_if_empty_on_error
+from .recording import DEFAULT_POSITION, Recording, check_position, record
+from .store import (StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key,
+                    remove_stale_temp_files, removed_if_empty_on_error)
 from .tasks import DEFAULT_TASK, Task, load_split, load_task
 
 log = logging.getLogger("lens_iclgd")
@@ -61,6 +64,7 @@ class RunConfig:
     ablate: str = ""  # e.g. "3.5,7.*,attn4,mlp2" (see ablation.py)
     ablate_mode: str = "zero"
     n_heldout: int = 0  # train examples after the demos, scored after finetuning
+    order: int = 0  # 0: the seed's demonstration order; p > 0: the p-th permutation of the same set
     batch_size: int = 16
 
     def validate(self) -> "RunConfig":
@@ -69,13 +73,9 @@ class RunConfig:
             if not cond:
                 raise UserError(msg)
 
-        for name in ("k", "seed", "n_test", "n_heldout", "batch_size"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
-        need(self.k > 0, f"k must be > 0, got {self.k}")
-        need(self.n_test > 0, f"n_test must be > 0, got {self.n_test}")
-        need(self.n_heldout >= 0, f"n_heldout must be >= 0, got {self.n_heldout}")
-        need(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check_int("seed", self.seed, -(2**63))
+        for name, minimum in (("k", 1), ("n_test", 1), ("n_heldout", 0), ("order", 0), ("batch_size", 1)):
+            check_int(name, getattr(self, name), minimum)
         if self.lr is not None:
             need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"lr must be a number, got {self.lr!r}")
             need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
@@ -138,11 +138,77 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
         log.info("loading %s (%s baseline)", config.model, config.baseline)
         loaded = load_model(config.model, config.baseline, config.seed)
     prompts = build_prompts(loaded.model, task, train_rows, eval_rows, config.k, config.seed, config.n_test, config.n_heldout)
+    if config.order:
+        permute_demos(prompts, config.seed, config.order)
     if prompts.k < config.k:
         log.info("k=%d demonstrations do not fit the %d-token context; using the first %d", config.k, prompts.n_ctx, prompts.k)
     specs = parse_ablation(config.ablate, config.ablate_mode)
     hooks = ablation_hooks(loaded.model, specs, prompts) if specs else []
     return Inputs(config, task, loaded, prompts, eval_rows, hooks, [s.describe() for s in specs], lr_source)
+
+
+def permute_demos(prompts: PromptSet, seed: int, order: int) -> None:
+    """Reorder the demonstrations (the same set) by a permutation fixed by (seed, order)."""
+    perm = list(range(prompts.k))
+    random.Random(f"order-{seed}-{order}").shuffle(perm)
+    prompts.demos = [prompts.demos[i] for i in perm]
+    prompts.demo_rows = [prompts.demo_rows[i] for i in perm]
+    prompts.demo_labels = [prompts.demo_labels[i] for i in perm]
+
+
+def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """Order sensitivity (Shen et al.): the same demonstrations in `n_orders` orders
+    (order 0 is the seed's). Sequential GD, like ICL, depends on the order; full-batch GD
+    would not. Each order is a full run in out/order<p>; the spread across orders goes to
+    out/orders.json and out/orders.csv."""
+    if not isinstance(n_orders, int) or n_orders < 2:
+        raise UserError(f"--orders must be an integer >= 2, got {n_orders!r}")
+    config = config.validate()
+    out = check_writable(Path(out))
+    if loaded is None:
+        loaded = load_model(config.model, config.baseline, config.seed)
+    per_order = [run(dataclasses.replace(config, order=p), out / f"order{p}", loaded, out / "stages") for p in range(n_orders)]
+    settings = ["zs"] + list(config.methods)
+    preds = {s: pd.DataFrame({p: pd.read_csv(out / f"order{p}" / "examples.csv")[f"{s}_pred"] for p in range(n_orders)}) for s in settings}
+    table = []
+    for p, r in enumerate(per_order):
+        row: dict[str, Any] = {"order": p, "demo_rows": r["config"]["demo_rows"]}
+        row.update({f"acc_{s}": r["accuracy"][s] for s in settings})
+        for m, metrics in r["metrics"].items():
+            row.update({f"{m}_{name}": v["mean"] for name, v in metrics.items()})
+        if "alpha" in r:
+            row["alpha"] = r["alpha"]["mean"]
+        table.append(row)
+    df = pd.DataFrame(table)
+    spread = {}
+    for col in df.columns.drop(["order", "demo_rows"]):
+        vals = df[col].astype(float)
+        spread[col] = {"mean": vals.mean(), "std": vals.std(), "min": vals.min(), "max": vals.max()}
+    stability = {}
+    for s, frame in preds.items():
+        same = (frame.nunique(axis=1) == 1).mean()
+        pairs = [(a, b) for a in range(n_orders) for b in range(a + 1, n_orders)]
+        flips = np.mean([(frame[a] != frame[b]).mean() for a, b in pairs])
+        stability[s] = {"same_prediction_in_every_order": float(same), "mean_pairwise_disagreement": float(flips)}
+    summary = {"config": {**dataclasses.asdict(config), "methods": list(config.methods), "orders": n_orders},
+               "spread": spread, "prediction_stability": stability}
+    atomic_write_json(out / "orders.json", summary)
+    atomic_write_bytes(out / "orders.csv", df.to_csv(index=False).encode())
+    return summary
+
+
+def orders_table(summary: dict) -> str:
+    lines = [f"{'setting':<8}{'acc mean':>10}{'acc std':>9}{'acc min':>9}{'acc max':>9}{'same pred':>11}{'flip rate':>11}"]
+    for s, st in summary["prediction_stability"].items():
+        a = summary["spread"][f"acc_{s}"]
+        lines.append(f"{s.upper():<8}{a['mean']:>10.3f}{a['std']:>9.3f}{a['min']:>9.3f}{a['max']:>9.3f}"
+                     f"{st['same_prediction_in_every_order']:>11.2f}{st['mean_pairwise_disagreement']:>11.3f}")
+    for name in ("SimAOU", "SimAM_delta"):
+        for m in ("gd", "lcgd"):
+            if f"{m}_{name}" in summary["spread"]:
+                v = summary["spread"][f"{m}_{name}"]
+                lines.append(f"{m.upper()} {name}: mean {v['mean']:.3f} std {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
+    return "\n".join(lines)
 
 
 def stage_keys(inp: Inputs) -> dict[str, str]:
@@ -201,21 +267,26 @@ def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str
     }
 
 
-def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Run one cell end to end; write results to `out` (if given) and return them."""
+def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None,
+        stages_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one cell end to end; write results to `out` (if given) and return them.
+    Finished stages are kept in `stages_dir` (default `<out>/stages`), where a rerun, or
+    another cell sharing them, finds them."""
     config = config.validate()
     if out is None:
-        return _run(config, None, loaded)
+        return _run(config, None, loaded, stages_dir)
     with removed_if_empty_on_error(Path(out)):
         check_writable(Path(out))
-        return _run(config, Path(out), loaded)
+        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages")
 
 
-def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None) -> dict[str, Any]:
+def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir) -> dict[str, Any]:
     t_start = time.perf_counter()
+    if stages_dir is not None:
+        remove_stale_temp_files(Path(stages_dir).parent)
     inp = prepare(config, loaded)
     c, p = inp.config, inp.prompts
-    store = StageStore(Path(out) / "stages") if out is not None else None
+    store = StageStore(Path(stages_dir)) if stages_dir is not None else None
     keys = stage_keys(inp)
 
     stages: dict[str, dict[str, Any]] = {}
@@ -230,17 +301,20 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None) -> dic
         if store:
             store.save(stage, keys[stage], stages[stage])
 
-    results = assemble_results(inp, stages, time.perf_counter() - t_start)
+    results = assemble_results(inp, stages)
+    # Wall times live apart from the results, which are byte-for-byte reproducible.
+    timings = {s: round(stages[s]["seconds"], 2) for s in stages} | {"total": round(time.perf_counter() - t_start, 2)}
     if out is not None:
+        atomic_write_json(Path(out) / "timings.json", timings)
         write_results(Path(out), results, examples_table(inp, stages), per_layer_table(inp, stages))
-    return results
+    return {**results, "timings_s": timings}
 
 
 def _setting_names(stages: dict[str, Any]) -> list[str]:
     return ["zs"] + [m for m in SETTINGS if m in stages]
 
 
-def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     c, p, lm = inp.config, inp.prompts, inp.loaded
     zs = stages["zs"]["recording"]
     config = {
@@ -260,7 +334,6 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], seconds: fl
         "metrics": {},
         "grad_norms": {},
         "losses": {},
-        "timings_s": {s: round(stages[s]["seconds"], 2) for s in stages} | {"total": round(seconds, 2)},
         "environment": environment(),
     }
     if "icl" in stages:

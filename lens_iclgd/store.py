@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,11 +40,21 @@ def config_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _temp_prefix(name: str) -> str:
+    # host and pid in the name: a later run can tell a dead writer's leftovers (kill -9)
+    # from a live writer's file (another shard on a machine sharing the directory)
+    return f".{name}.{_host()}.{os.getpid()}."
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
     except OSError as e:
         raise UserError(f"cannot write to {path.parent} ({e.strerror}): choose a writable --out directory") from e
     try:
@@ -60,6 +71,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(root: Path) -> int:
+    """Delete temporary files left by writers on this host that are no longer running."""
+    host, removed = _host(), 0
+    for tmp in Path(root).rglob(".*.tmp"):
+        parts = tmp.name.split(".")
+        try:
+            pid, their_host = int(parts[-3]), parts[-4]
+        except (IndexError, ValueError):
+            continue
+        if their_host != host:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        except PermissionError:
+            pass
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

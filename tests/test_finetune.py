@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from lens_iclgd.errors import TrainingDiverged
-from lens_iclgd.finetune import finetuned, gd_losses, lcgd_losses, linear_cross_entropy, train
+from lens_iclgd.finetune import finetuned, gd_losses, lcgd_losses, train
+from lens_iclgd.vocab import linear_cross_entropy
 from lens_iclgd.models import kv_parameters
 from lens_iclgd.prompts import build_prompts
 from lens_iclgd.tasks import load_task

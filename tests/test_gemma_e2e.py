@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED_DATA, read_jsonl, run_cli
 from lens_iclgd.models import load_model
 from lens_iclgd.prompts import build_prompts
-from lens_iclgd.record import record, record_reference
+from lens_iclgd.recording import record, record_reference
 from lens_iclgd.tasks import load_task
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model
 from lens_iclgd.prompts import build_prompts
-from lens_iclgd.record import record, record_reference
+from lens_iclgd.recording import record, record_reference
 from lens_iclgd.tasks import load_task, task_from_dict
 
 

@@ -15,8 +15,8 @@ token, whose next-token distribution is scored.
 
 `record` is the fast path: the shared prefix ([BOS] or the ICL demonstrations) is run once
 and its key/value cache reused by every batch of right-padded test examples; hooks copy
-out only the slices above; `ln_final`/`unembed` run only where a log-prob is needed; no
-autograd. `record_reference` is the naive path (full prompt per example, batch 1, full
+out only the slices above; `ln_final`/`unembed` run only where a log-prob is needed, in
+one vocabulary pass for all test examples (vocab.py); no autograd. `record_reference` is the naive path (full prompt per example, batch 1, full
 `run_with_cache`): the independent computation tests and the benchmark compare against.
 """
 
@@ -31,10 +31,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.utilities.activation_functions import apply_softcap
 
-from .errors import UserError
+from .errors import UserError, check_int
+from .fast import fast_forward, rotate_cached_keys
 from .prompts import Query
+from .vocab import log_probs
 
 POSITIONS = ("answer", "prompt")
 DEFAULT_POSITION = "answer"
@@ -109,13 +110,6 @@ def _scored_tokens(row: _Row, query: Query, options: list[list[int]]) -> list[tu
     return out
 
 
-def _log_probs_at(model: HookedTransformer, resid: Float[Tensor, "n d_model"], targets: Tensor) -> Tensor:
-    """log p(target) from final-layer residuals: ln_final and unembed on these rows only."""
-    logits = model.unembed(model.ln_final(resid[None]))[0]
-    logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)
-    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-
-
 def _new_recording(model: HookedTransformer, queries: Sequence[Query], n_options: int, max_keys: int) -> Recording:
     cfg = model.cfg
     n = len(queries)
@@ -132,15 +126,29 @@ def _finite_or_nan(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, torch.full_like(x, float("nan")))
 
 
-def prefix_cache(model: HookedTransformer, prefix: list[int]) -> TransformerLensKeyValueCache | None:
-    """Run the shared prefix once; its keys/values serve every test example."""
+def prefix_cache(model: HookedTransformer, prefix: list[int]) -> tuple[TransformerLensKeyValueCache | None, int]:
+    """Run the shared prefix once; its keys/values serve every test example.
+
+    Returns the cache and how many of its key positions are stored already rotated
+    (rotary models: the rotated keys are captured from `blocks.{l}.attn.hook_rot_k`, so
+    later passes rotate only their new keys; see fast.py)."""
     if not prefix:
-        return None
+        return None, 0
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
     tokens = torch.tensor([prefix])
-    model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    rotated: list[Tensor] = [None] * model.cfg.n_layers  # type: ignore[list-item]
+
+    def keep(act: Tensor, hook, layer: int) -> None:
+        rotated[layer] = act
+
+    keep_hooks = [(f"blocks.{l}.attn.hook_rot_k", lambda a, hook, l=l: keep(a, hook, l)) for l in range(model.cfg.n_layers)] if rotary else []
+    with fast_forward(model), model.hooks(fwd_hooks=keep_hooks):
+        model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
     cache.freeze()
-    return cache
+    if rotary:
+        rotate_cached_keys(model, cache, rotated)
+    return cache, len(prefix) if rotary else 0
 
 
 def _expand(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLensKeyValueCache:
@@ -151,6 +159,47 @@ def _expand(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLensK
         for e in cache.entries
     ]
     return TransformerLensKeyValueCache(entries, cache.previous_attention_mask.expand(batch, -1), frozen=True)
+
+
+def _record_batch(model: HookedTransformer, batch: list[_Row], queries: Sequence[Query], options: list[list[int]],
+                  position: str, cache, n_prefix: int, rec: Recording) -> tuple[Tensor, ...]:
+    """One forward pass over right-padded rows after the cached prefix; hooks copy the
+    recorded slices of option-0 rows into `rec`. Returns, for every answer token to
+    score, its normalised final residual, target token, query and option."""
+    cfg = model.cfg
+    width = max(len(r.tokens) for r in batch)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for b, r in enumerate(batch):
+        tokens[b, : len(r.tokens)] = torch.tensor(r.tokens)
+        mask[b, : len(r.tokens)] = 1
+    primary = [b for b, r in enumerate(batch) if r.option == 0]
+    where = torch.tensor([batch[b].query for b in primary], dtype=torch.long)
+    sel = torch.tensor(primary, dtype=torch.long)
+    pos = torch.tensor([_record_index(queries[batch[b].query], position) for b in primary], dtype=torch.long)
+    n_keys = int(pos.max()) + 1 if primary else 0
+    absent = torch.arange(n_keys)[None, :] > pos[:, None]  # keys after the recorded position
+
+    def keep_attn_out(act: Tensor, hook, layer: int) -> None:
+        rec.attn_out[where, layer] = act[sel, pos]
+
+    def keep_scores(act: Tensor, hook, layer: int) -> None:
+        rows = act[sel[:, None], torch.arange(cfg.n_heads)[None, :], pos[:, None]]  # [b, head, key]
+        keys = _finite_or_nan(rows[:, :, n_prefix : n_prefix + n_keys])
+        rec.attn_scores[where, layer, :, :n_keys] = keys.masked_fill(absent[:, None, :], float("nan"))
+
+    record_hooks: list[Hook] = []
+    if primary:
+        for l in range(cfg.n_layers):
+            record_hooks.append((attn_out_hook(l), lambda a, hook, l=l: keep_attn_out(a, hook, l)))
+            record_hooks.append((attn_scores_hook(l), lambda a, hook, l=l: keep_scores(a, hook, l)))
+    with model.hooks(fwd_hooks=record_hooks):
+        resid = model(tokens, attention_mask=mask, stop_at_layer=cfg.n_layers,
+                      past_kv_cache=_expand(cache, len(batch)) if cache is not None else None)
+    scored = [(b, *s) for b, r in enumerate(batch) for s in _scored_tokens(r, queries[r.query], options)]
+    bs, opts, ps, ts = (torch.tensor(col) for col in zip(*scored))
+    qs = torch.tensor([batch[b].query for b in bs.tolist()])
+    return model.ln_final(resid[bs, ps][None])[0], ts, qs, opts
 
 
 @torch.no_grad()
@@ -167,57 +216,27 @@ def record(
 
     `hooks` (e.g. ablations) are active in every forward pass, the prefix's included."""
     check_position(position)
-    cfg = model.cfg
-    n_prefix = len(prefix)
+    if not queries:
+        raise UserError("record needs at least one test example")
+    check_int("batch_size", batch_size, 1)
     rows = _rows(queries, options)
     max_keys = max(_record_index(q, position) for q in queries) + 1
     rec = _new_recording(model, queries, len(options), max_keys)
-    logprob_sum = torch.zeros_like(rec.option_logprobs, dtype=torch.float64)
+    scored = []
     # Sorting by length keeps padding low; the order is fixed, so results are reproducible.
     order = sorted(range(len(rows)), key=lambda r: (len(rows[r].tokens), r))
 
     with model.hooks(fwd_hooks=list(hooks)):
-        cache = prefix_cache(model, prefix)
-        for start in range(0, len(order), batch_size):
-            batch = [rows[r] for r in order[start : start + batch_size]]
-            width = max(len(r.tokens) for r in batch)
-            tokens = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for b, r in enumerate(batch):
-                tokens[b, : len(r.tokens)] = torch.tensor(r.tokens)
-                mask[b, : len(r.tokens)] = 1
-            primary = [b for b, r in enumerate(batch) if r.option == 0]
-            where = torch.tensor([batch[b].query for b in primary], dtype=torch.long)
-            sel = torch.tensor(primary, dtype=torch.long)
-            pos = torch.tensor([_record_index(queries[batch[b].query], position) for b in primary])
-            n_keys = int(pos.max()) + 1 if primary else 0
-
-            def keep_attn_out(act: Tensor, hook, layer: int) -> None:
-                rec.attn_out[where, layer] = act[sel, pos]
-
-            def keep_scores(act: Tensor, hook, layer: int) -> None:
-                rows_ = act[sel[:, None], torch.arange(cfg.n_heads)[None, :], pos[:, None]]  # [b, head, key]
-                keys = _finite_or_nan(rows_[:, :, n_prefix : n_prefix + n_keys])
-                absent = torch.arange(n_keys)[None, :] > pos[:, None]  # after the recorded position
-                rec.attn_scores[where, layer, :, :n_keys] = keys.masked_fill(absent[:, None, :], float("nan"))
-
-            record_hooks: list[Hook] = []
-            if primary:
-                for l in range(cfg.n_layers):
-                    record_hooks.append((attn_out_hook(l), lambda a, hook, l=l: keep_attn_out(a, hook, l)))
-                    record_hooks.append((attn_scores_hook(l), lambda a, hook, l=l: keep_scores(a, hook, l)))
-            with model.hooks(fwd_hooks=record_hooks):
-                resid = model(
-                    tokens, attention_mask=mask, stop_at_layer=cfg.n_layers,
-                    past_kv_cache=_expand(cache, len(batch)) if cache is not None else None,
-                )
-            scored = [(b, *s) for b, r in enumerate(batch) for s in _scored_tokens(r, queries[r.query], options)]
-            bs, opts, ps, ts = (torch.tensor(col) for col in zip(*scored))
-            lp = _log_probs_at(model, resid[bs, ps], ts)
-            qs = torch.tensor([batch[b].query for b in bs.tolist()])
-            logprob_sum.index_put_((qs, opts), lp.double(), accumulate=True)
-    lengths = torch.tensor([len(o) for o in options], dtype=torch.float64)
-    rec.option_logprobs = (logprob_sum / lengths).float()
+        cache, rotated = prefix_cache(model, prefix)
+        with fast_forward(model, rotated_prefix=rotated):
+            for start in range(0, len(order), batch_size):
+                batch = [rows[r] for r in order[start : start + batch_size]]
+                scored.append(_record_batch(model, batch, queries, options, position, cache, len(prefix), rec))
+    # All answer tokens in one vocabulary pass: W_U is read once, not once per batch.
+    x, targets, qs, opts = (torch.cat(col) for col in zip(*scored))
+    logprob_sum = torch.zeros(rec.option_logprobs.shape, dtype=torch.float64)
+    logprob_sum.index_put_((qs, opts), log_probs(model, x, targets).double(), accumulate=True)
+    rec.option_logprobs = (logprob_sum / torch.tensor([len(o) for o in options], dtype=torch.float64)).float()
     return rec
 
 
@@ -230,7 +249,9 @@ def record_reference(
     position: str = DEFAULT_POSITION,
     hooks: Sequence[Hook] = (),
 ) -> Recording:
-    """The naive reference: full prompt per example, batch 1, full `run_with_cache`."""
+    """The naive reference: full prompt per example, batch 1, full `run_with_cache`, the
+    model's own unembedding at every position. Same rows as `record` (one per example,
+    plus one per multi-token answer option), nothing else shared with it."""
     check_position(position)
     cfg = model.cfg
     n_prefix = len(prefix)
@@ -238,17 +259,17 @@ def record_reference(
     rec = _new_recording(model, queries, len(options), max_keys)
     with model.hooks(fwd_hooks=list(hooks)):
         for qi, q in enumerate(queries):
-            for j, opt in enumerate(options):
-                tokens = torch.tensor([prefix + q.prompt + opt])
+            for row in _rows([q], options):
+                tokens = torch.tensor([prefix + row.tokens])
                 logits, cache = model.run_with_cache(tokens, attention_mask=torch.ones_like(tokens))
                 logp = logits[0].log_softmax(-1)
-                start = n_prefix + len(q.prompt) - 1
-                rec.option_logprobs[qi, j] = torch.stack([logp[start + t, tok] for t, tok in enumerate(opt)]).mean()
-                if j == 0:
+                for j, p, tok in _scored_tokens(row, q, options):
+                    rec.option_logprobs[qi, j] += logp[n_prefix + p, tok] / len(options[j])
+                if row.option == 0:
                     i = _record_index(q, position)
                     for l in range(cfg.n_layers):
                         rec.attn_out[qi, l] = cache[attn_out_hook(l)][0, n_prefix + i]
-                        row = cache[attn_scores_hook(l)][0, :, n_prefix + i, n_prefix : n_prefix + i + 1]
-                        rec.attn_scores[qi, l, :, : i + 1] = _finite_or_nan(row)
+                        scores = cache[attn_scores_hook(l)][0, :, n_prefix + i, n_prefix : n_prefix + i + 1]
+                        rec.attn_scores[qi, l, :, : i + 1] = _finite_or_nan(scores)
                 del cache
     return rec

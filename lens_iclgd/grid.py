@@ -1,0 +1,220 @@
+"""Experiment grids: every cell of a config file, resumable and shardable.
+
+A grid config (TOML, see experiments/*.toml) lists models, baselines, tasks, seeds,
+methods, learning rates and ablations; a *cell* is one (model, baseline, task, seed,
+learning rate, ablation) and runs every listed method, exactly like `lens-iclgd run`.
+
+    RESULTS/cells/<cell id>/results.json   a finished cell (written last, atomically)
+    RESULTS/cells/<cell id>/failed.json    a cell whose training diverged (NaN/inf)
+    RESULTS/stages/                        ZS, ICL and finetuned recordings, shared
+    RESULTS/grids/<name>.json              the grid configs run here (for `report`)
+
+The cell id ends in a hash of the cell's full settings, so a changed setting makes a new
+cell instead of reusing a stale one. ZS and ICL recordings are keyed by what they depend
+on only, so every method and learning rate of a (model, baseline, task, seed) reuses
+them. Rerunning after an interruption (Ctrl-C, kill -9) skips finished cells.
+`--shard I/N` takes every N-th group of cells sharing ZS/ICL recordings, so N machines
+sharing RESULTS split a grid with no cell run twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TrainingDiverged, UserError
+from .models import LoadedModel, load_model, make_baseline
+from .recording import DEFAULT_POSITION
+from .runner import RunConfig, run
+from .store import atomic_write_json, check_writable, config_key, remove_stale_temp_files
+from .tasks import load_split, load_task
+
+log = logging.getLogger("lens_iclgd")
+
+
+@dataclass
+class GridConfig:
+    name: str
+    tasks: list[str]
+    models: list[str] = dataclasses.field(default_factory=lambda: ["gemma-3-270m"])
+    baselines: list[str] = dataclasses.field(default_factory=lambda: ["trained"])
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["gd", "lcgd"])
+    lrs: list[float | None] = dataclasses.field(default_factory=lambda: [None])  # None: per-task default
+    ablations: list[str] = dataclasses.field(default_factory=lambda: [""])
+    ablate_mode: str = "zero"
+    k: int = 32
+    n_test: int = 2000
+    n_heldout: int = 0
+    position: str = DEFAULT_POSITION
+    batch_size: int = 16
+    data_dir: str | None = None
+    description: str = ""
+
+
+_LISTS = {"tasks": str, "models": str, "baselines": str, "seeds": int, "methods": str, "lrs": (int, float, str), "ablations": str}
+_SCALARS = {"name": str, "ablate_mode": str, "k": int, "n_test": int, "n_heldout": int, "position": str,
+            "batch_size": int, "data_dir": str, "description": str}
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"grid config {path} does not exist: pass a file like experiments/table2.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"grid config {path} is not valid TOML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read grid config {path} ({e})") from None
+    unknown = set(raw) - set(_LISTS) - set(_SCALARS)
+    if unknown:
+        raise UserError(f"grid config {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    if "tasks" not in raw or "name" not in raw:
+        raise UserError(f"grid config {path}: needs at least name and tasks")
+    for key, kind in _LISTS.items():
+        if key in raw:
+            v = raw[key]
+            if not isinstance(v, list) or not v or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+                raise UserError(f"grid config {path}: {key} must be a non-empty list of {getattr(kind, '__name__', 'numbers')}")
+    for key, kind in _SCALARS.items():
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            raise UserError(f"grid config {path}: {key} must be {'an integer' if kind is int else 'a string'}")
+    lrs = []
+    for lr in raw.get("lrs", [None]):
+        if lr == "default" or lr is None:
+            lrs.append(None)
+        elif isinstance(lr, str):
+            raise UserError(f"grid config {path}: lrs entries are numbers or \"default\", got {lr!r}")
+        else:
+            lrs.append(float(lr))
+    raw["lrs"] = lrs
+    if raw.get("data_dir"):  # relative to the config file
+        raw["data_dir"] = str((path.parent / raw["data_dir"]).resolve())
+    grid = GridConfig(**raw)
+    for c in cells(grid):  # types and ranges, before any compute
+        c.validate()
+    return grid
+
+
+def cells(grid: GridConfig) -> list[RunConfig]:
+    """Every cell, in a fixed order: grouped by what shares ZS/ICL recordings."""
+    out = []
+    for model in grid.models:
+        for baseline in grid.baselines:
+            for seed in grid.seeds:
+                for task in grid.tasks:
+                    for ablate in grid.ablations:
+                        for lr in grid.lrs:
+                            out.append(RunConfig(
+                                task=task, model=model, baseline=baseline, methods=tuple(grid.methods),
+                                k=grid.k, seed=seed, n_test=grid.n_test, lr=lr, data_dir=grid.data_dir,
+                                position=grid.position, ablate=ablate, ablate_mode=grid.ablate_mode,
+                                n_heldout=grid.n_heldout, batch_size=grid.batch_size))
+    return out
+
+
+def group_of(c: RunConfig) -> tuple:
+    """Cells of one group share the ZS and ICL recordings."""
+    return (c.model, c.baseline, c.seed, c.task, c.ablate)
+
+
+def cell_id(c: RunConfig) -> str:
+    settings = dataclasses.asdict(c)
+    settings.pop("batch_size")  # does not change the numbers beyond float tolerance
+    lr = "default" if c.lr is None else f"{c.lr:g}"
+    readable = f"{Path(c.model).name}__{c.baseline}__{Path(c.task).stem}__seed{c.seed}__lr{lr}"
+    if c.ablate:
+        readable += f"__ablate-{c.ablate_mode}-{c.ablate}"
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", readable) + "__" + config_key(settings)[:10]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise UserError(f"--shard {text!r}: use I/N with 0 <= I < N, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard(all_cells: list[RunConfig], index: int, count: int) -> list[RunConfig]:
+    """Whole groups, dealt round-robin: disjoint, together the whole grid."""
+    groups = list(dict.fromkeys(group_of(c) for c in all_cells))
+    mine = set(groups[index::count])
+    return [c for c in all_cells if group_of(c) in mine]
+
+
+def cell_status(results_dir: Path, c: RunConfig) -> str:
+    folder = results_dir / "cells" / cell_id(c)
+    if (folder / "results.json").exists():
+        return "done"
+    if (folder / "failed.json").exists():
+        return "failed"
+    return "todo"
+
+
+def _check_inputs(todo: list[RunConfig]) -> None:
+    """Fail before any compute if a task or its data cannot be read."""
+    seen = set()
+    for c in todo:
+        if (c.task, c.data_dir) in seen:
+            continue
+        seen.add((c.task, c.data_dir))
+        task = load_task(c.task)
+        for split in (task.train_split, task.eval_split):
+            load_split(task, split, c.data_dir)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None = None, retry_failed: bool = False) -> dict[str, int]:
+    """Run the unfinished cells of this shard; returns counts of done/failed/run cells."""
+    results_dir = check_writable(Path(results_dir))
+    remove_stale_temp_files(results_dir)  # left by a writer killed mid-write (kill -9)
+    index, count = parse_shard(shard_spec)
+    mine = shard(cells(grid), index, count)
+    status = {cell_id(c): cell_status(results_dir, c) for c in mine}
+    todo = [c for c in mine if status[cell_id(c)] == "todo" or (retry_failed and status[cell_id(c)] == "failed")]
+    print(f"grid {grid.name}: {len(mine)} cells in shard {index}/{count}, "
+          f"{sum(s == 'done' for s in status.values())} already done, {len(todo)} to run", flush=True)
+    _check_inputs(todo)
+    # what `report` counts as expected; several grids may share one results directory
+    atomic_write_json(results_dir / "grids" / f"{grid.name}.json", dataclasses.asdict(grid))
+
+    models: dict[tuple, LoadedModel] = {}
+    start, ran, failed = time.perf_counter(), 0, 0
+    for i, c in enumerate(todo, 1):
+        key = (c.model, c.baseline, c.seed if c.baseline != "trained" else None)
+        if key not in models:
+            trained = models.get((c.model, "trained", None)) or load_model(c.model)
+            models = {(c.model, "trained", None): trained}  # keep at most one other baseline
+            models[key] = make_baseline(trained, c.baseline, c.seed)
+        folder = results_dir / "cells" / cell_id(c)
+        t0 = time.perf_counter()
+        try:
+            run(c, folder, loaded=models[key], stages_dir=results_dir / "stages")
+            (folder / "failed.json").unlink(missing_ok=True)
+            outcome = "done"
+        except TrainingDiverged as e:
+            failed += 1
+            atomic_write_json(folder / "failed.json", {"error": str(e), "method": e.method, "step": e.step,
+                                                       "layer": e.layer, "config": dataclasses.asdict(c)})
+            outcome = f"FAILED ({e})"
+        ran += 1
+        elapsed = time.perf_counter() - start
+        eta = elapsed / ran * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {cell_id(c)}: {outcome} in {time.perf_counter() - t0:.0f}s | "
+              f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}", flush=True)
+    done = sum(cell_status(results_dir, c) == "done" for c in mine)
+    print(f"grid {grid.name}: {done}/{len(mine)} cells done, {failed} failed in this run", flush=True)
+    return {"cells": len(mine), "done": done, "failed": failed, "ran": ran}

@@ -1,0 +1,447 @@
+"""Reports: the paper's tables, figures and findings from a results directory.
+
+Reads every finished cell (`cells/*/results.json`; `lens-iclgd run` output directories
+work too), says how many cells of the grids recorded there are still missing or failed,
+and writes to the report directory:
+
+- table1.md/.csv: SimAOU (and SimAOU_norm, SimAM_delta) of vanilla GD for the trained,
+  untrained and embeddings-retained models; rows settings, columns tasks + mean;
+- table2.md/.csv: GD vs LCGD (SimAOU, SimAM, SimAM_delta, alpha, accuracies);
+- fig2_alpha.png, fig3_per_layer.png, fig4_grad_norms.png, fig_lr.png (learning-rate
+  curves), fig_ablation.png (per-layer ablation sweep), each with a caption;
+- chosen_learning_rates.toml: per-task learning rates from the lr_sweep cells, chosen by
+  GD accuracy on held-out demonstrations (never by a similarity metric);
+- report.md: all of the above and the four findings of PROTOCOL.md, checked.
+
+Cells: mean over seeds with the standard deviation over seeds; the "mean" column
+averages the task means, its spread is the standard deviation over seeds of the
+task-averaged value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .store import atomic_write_bytes, atomic_write_text
+
+METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta", "Rec2FTP")
+BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings": "Trained Embeddings"}
+TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
+
+
+@dataclass
+class Collected:
+    rows: pd.DataFrame  # one row per (cell, method)
+    cells: list[dict[str, Any]]  # the results.json of every finished cell
+    expected: int  # cells the recorded grids define (0 if unknown)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        return max(self.expected - len(self.cells) - len(self.failed), 0)
+
+
+def collect(results_dir: str | Path) -> Collected:
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"results directory {results_dir} does not exist")
+    files = sorted(results_dir.glob("cells/*/results.json")) or sorted(results_dir.glob("**/results.json"))
+    cells, rows = [], []
+    for f in files:
+        try:
+            r = json.loads(f.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue  # cannot happen with atomic writes; skip rather than report garbage
+        r["_path"] = str(f.parent)
+        cells.append(r)
+        c = r["config"]
+        base = {
+            "cell": f.parent.name, "model": c["model"], "baseline": c["baseline"], "task": Path(c["task"]).stem,
+            "seed": c["seed"], "lr": c["lr"], "lr_default": c.get("lr_source") not in (None, "--lr"),
+            "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
+            "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
+            "alpha": (r.get("alpha") or {}).get("mean"),
+        }
+        if not r["metrics"]:
+            rows.append({**base, "method": "icl"})
+        for method, m in r["metrics"].items():
+            row = {**base, "method": method, "acc_ft": r["accuracy"][method],
+                   "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
+            row.update({name: m[name]["mean"] for name in METRICS})
+            rows.append(row)
+    failed = [json.loads(f.read_text()) for f in sorted(results_dir.glob("cells/*/failed.json"))
+              if not (f.parent / "results.json").exists()]
+    return Collected(pd.DataFrame(rows), cells, _expected_cells(results_dir), failed)
+
+
+def _expected_cells(results_dir: Path) -> int:
+    from .grid import GridConfig, cell_id, cells
+
+    ids: set[str] = set()
+    for f in sorted(results_dir.glob("grids/*.json")):
+        ids |= {cell_id(c) for c in cells(GridConfig(**json.loads(f.read_text())))}
+    return len(ids)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def _task_order(tasks) -> list[str]:
+    return sorted(set(tasks), key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+
+
+def seed_table(df: pd.DataFrame, row_keys: list[tuple[str, pd.DataFrame, str]]) -> pd.DataFrame:
+    """Rows (label, subset, value column) -> columns task and mean, as 'mean ± std'
+    over seeds, plus numeric columns for the CSV."""
+    tasks = _task_order(df["task"])
+    out = []
+    for label, sub, col in row_keys:
+        sub = sub.dropna(subset=[col])
+        if sub.empty:
+            continue
+        row: dict[str, Any] = {"row": label}
+        per_task = sub.groupby("task")[col].agg(["mean", "std", "count"])
+        for t in tasks:
+            if t in per_task.index:
+                m, s, n = per_task.loc[t]
+                row[t] = _pm(m, s if n > 1 else float("nan"))
+                row[f"{t}_mean"], row[f"{t}_std"], row[f"{t}_n"] = m, s, n
+            else:
+                row[t] = ""
+        by_seed = sub.groupby("seed")[col].mean() if sub["task"].nunique() == len(tasks) else pd.Series(dtype=float)
+        mean = per_task["mean"].mean()
+        spread = by_seed.std() if len(by_seed) > 1 else float("nan")
+        row["mean"] = _pm(mean, spread)
+        row["mean_mean"], row["mean_std"] = mean, spread
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _pm(m: float, s: float) -> str:
+    return f"{m:.3f}" if not np.isfinite(s) else f"{m:.3f} ± {s:.3f}"
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    cols = ["row"] + [c for c in table.columns if c != "row" and not c.endswith(("_mean", "_std", "_n"))]
+    lines = ["| " + " | ".join("" if c == "row" else c for c in cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def table1(rows: pd.DataFrame) -> pd.DataFrame:
+    gd = rows[(rows["method"] == "gd") & rows["lr_default"] & (rows["ablate"] == "")]
+    keys = []
+    for metric in ("SimAOU", "SimAOU_norm", "SimAM_delta", "SimAOU_random"):
+        for b, name in BASELINE_NAMES.items():
+            keys.append((f"{name} — {metric}", gd[gd["baseline"] == b], metric))
+    return seed_table(gd, keys) if len(gd) else pd.DataFrame()
+
+
+def table2(rows: pd.DataFrame) -> pd.DataFrame:
+    t = rows[(rows["baseline"] == "trained") & rows["lr_default"] & (rows["ablate"] == "")]
+    t = t[t["cell"].isin(set(t[t["method"] == "gd"]["cell"]) & set(t[t["method"] == "lcgd"]["cell"]))]
+    if t.empty:
+        return pd.DataFrame()
+    keys = []
+    for metric in ("SimAOU", "SimAM", "SimAM_delta", "Rec2FTP"):
+        for m in ("gd", "lcgd"):
+            keys.append((f"{metric} — {m.upper()}", t[t["method"] == m], metric))
+    gd_rows = t[t["method"] == "gd"]
+    keys.append(("alpha (LCGD vs GD)", gd_rows, "alpha"))
+    keys += [("accuracy — ZS", gd_rows, "acc_zs"), ("accuracy — ICL", gd_rows, "acc_icl"),
+             ("accuracy — GD", gd_rows, "acc_ft"), ("accuracy — LCGD", t[t["method"] == "lcgd"], "acc_ft")]
+    return seed_table(t, keys)
+
+
+def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task): the lr with the best mean GD accuracy on held-out training
+    examples (ties: the largest such lr, the strongest update that does not hurt).
+    Similarity metrics play no part."""
+    sweep = rows[(rows["method"] == "gd") & ~rows["lr_default"] & rows["heldout_acc"].notna() & (rows["ablate"] == "")]
+    if sweep.empty:
+        return pd.DataFrame()
+    out = []
+    for (model, task), sub in sweep.groupby(["model", "task"]):
+        by_lr = sub.groupby("lr")["heldout_acc"].mean()
+        best = by_lr.max()
+        lr = max(l for l, a in by_lr.items() if a >= best - 1e-9)
+        out.append({"model": model, "task": task, "lr": lr, "heldout_acc": best,
+                    "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
+    return pd.DataFrame(out)
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, caption: str) -> str:
+    import io
+
+    fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130)
+    atomic_write_bytes(path, buf.getvalue())
+    _plt().close(fig)
+    return caption
+
+
+def fig_alpha(rows: pd.DataFrame, path: Path) -> str | None:
+    t = rows[(rows["method"] == "gd") & (rows["baseline"] == "trained") & rows["lr_default"] & (rows["ablate"] == "")].dropna(subset=["alpha"])
+    if t.empty:
+        return None
+    plt = _plt()
+    tasks = _task_order(t["task"])
+    stats = t.groupby("task")["alpha"].agg(["mean", "std"]).reindex(tasks)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(tasks, stats["mean"], yerr=stats["std"].fillna(0), capsize=4, color="#4C72B0")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_title("Figure 2: alignment of GD and LCGD updates (alpha)")
+    ax.set_xlabel("task")
+    ax.set_ylabel("alpha = cos(m_LCGD - m_ZS, m_GD - m_ZS)")
+    return _save(fig, path, f"alpha per task, mean over layers, heads and test examples; bars: mean over seeds, "
+                            f"error bars: std over seeds ({t['model'].iloc[0]}, trained).")
+
+
+def _per_layer(cells: list[dict], method: str, metric: str) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in c["metrics"][method][metric]["per_layer"]] for c in cells])
+
+
+def _table2_cells(coll: Collected) -> list[dict]:
+    return [c for c in coll.cells if c["config"]["baseline"] == "trained" and not c["config"].get("ablate")
+            and c["config"].get("lr_source") not in (None, "--lr") and {"gd", "lcgd"} <= set(c["metrics"])]
+
+
+def fig_per_layer(coll: Collected, path: Path) -> str | None:
+    cells = _table2_cells(coll)
+    if not cells:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("SimAOU", "SimAM_delta")):
+        for method, color in (("gd", "#4C72B0"), ("lcgd", "#DD8452")):
+            v = _per_layer(cells, method, metric)
+            layers = np.arange(v.shape[1])
+            ax.errorbar(layers, np.nanmean(v, 0), yerr=np.nanstd(v, 0), label=method.upper(), color=color, capsize=2, marker="o", ms=3)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"{metric} per layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(metric)
+        ax.legend()
+    fig.suptitle("Figure 3: per-layer similarity of ICL to GD and LCGD")
+    n_tasks = len({c["config"]["task"] for c in cells})
+    return _save(fig, path, f"Mean over {len(cells)} cells ({n_tasks} tasks x seeds) of the per-layer mean over test "
+                            "examples; error bars: std over tasks and seeds.")
+
+
+def fig_grad_norms(coll: Collected, path: Path) -> str | None:
+    cells = _table2_cells(coll)
+    if not cells:
+        return None
+    from matplotlib.colors import LogNorm
+
+    plt = _plt()
+    k = min(len(c["grad_norms"]["gd"][0]) for c in cells)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, method, norm in ((axes[0], "gd", None), (axes[1], "lcgd", "log")):
+        # geometric mean over cells: norms span orders of magnitude
+        g = np.exp(np.mean([np.log(np.array(c["grad_norms"][method])[:, :k]) for c in cells], 0))
+        im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis",
+                       norm=LogNorm(vmin=g.min(), vmax=g.max()) if norm else None)
+        fig.colorbar(im, ax=ax, label="gradient L2 norm" + (" (log scale)" if norm else ""))
+        ax.set_title(f"{method.upper()}: per-layer K/V gradient norm")
+        ax.set_xlabel("demonstration index (SGD step)")
+        ax.set_ylabel("layer")
+    ratio = np.mean([np.mean(np.array(c["grad_norms"]["lcgd"]) / np.array(c["grad_norms"]["gd"])) for c in cells])
+    fig.suptitle("Figure 4: gradient norms, layer x demonstration")
+    return _save(fig, path, f"Geometric mean over {len(cells)} cells. LCGD/GD norm ratio, mean over layers, steps "
+                            f"and cells: {ratio:.1f}x.")
+
+
+def fig_lr(rows: pd.DataFrame, path: Path) -> str | None:
+    sweep = rows[~rows["lr_default"] & (rows["ablate"] == "") & rows["method"].isin(["gd", "lcgd"])]
+    if sweep.empty or sweep["lr"].nunique() < 2:
+        return None
+    plt = _plt()
+    panels = [("SimAOU", "SimAOU"), ("SimAM_delta", "SimAM_delta"), ("acc_ft", "accuracy after finetuning"),
+              ("heldout_acc", "held-out demo accuracy")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
+    tasks = _task_order(sweep["task"])
+    colors = dict(zip(tasks, plt.cm.tab10.colors))
+    for ax, (col, label) in zip(axes, panels):
+        for (task, method), sub in sweep.groupby(["task", "method"]):
+            curve = sub.groupby("lr")[col].mean()
+            ax.plot(curve.index, curve.values, marker="o", ms=3, color=colors[task],
+                    ls="-" if method == "gd" else "--", label=f"{task} {method.upper()}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Learning-rate sweep: similarity and accuracy against the SGD learning rate")
+    return _save(fig, path, "Solid: GD, dashed: LCGD; mean over seeds. Held-out accuracy: the finetuned model on "
+                            "training examples held out from the demonstrations (the lr-selection rule).")
+
+
+def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
+    ab = rows[(rows["ablate"] != "") & rows["method"].isin(["gd", "lcgd"])]
+    if ab.empty:
+        return None
+    plt = _plt()
+    ab = ab.assign(layer=ab["ablate"].str.extract(r"(\d+)", expand=False).astype(int))
+    base = rows[(rows["ablate"] == "") & rows["method"].isin(["gd", "lcgd"])
+                & rows["task"].isin(ab["task"]) & rows["baseline"].isin(ab["baseline"])]
+    panels = [("acc_icl", "ICL accuracy"), ("SimAOU", "SimAOU"), ("SimAM", "SimAM"), ("SimAM_delta", "SimAM_delta")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
+    for ax, (col, label) in zip(axes, panels):
+        for method, color in (("gd", "#4C72B0"), ("lcgd", "#DD8452")):
+            sub = ab[ab["method"] == method]
+            if sub.empty:
+                continue
+            curve = sub.groupby("layer")[col].mean()
+            ax.plot(curve.index, curve.values, marker="o", ms=3, color=color, label=f"{method.upper()}" if col != "acc_icl" else None)
+            ref = base[base["method"] == method][col].mean()
+            if np.isfinite(ref):
+                ax.axhline(ref, color=color, ls=":", lw=1)
+        ax.set_xlabel("ablated layer")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+    axes[1].legend()
+    kinds = ", ".join(sorted(set(ab["ablate"].str.replace(r"\d+", "L", regex=True))))
+    fig.suptitle(f"Single-layer ablation sweep ({kinds})")
+    return _save(fig, path, "Each point: one layer ablated in every setting (ZS, ICL, GD, LCGD, training included); "
+                            "dotted: no ablation. Mean over tasks and seeds.")
+
+
+# --- findings ---------------------------------------------------------------------------------
+
+
+def findings(coll: Collected) -> list[str]:
+    rows, out = coll.rows, []
+    if rows.empty:
+        return ["No finished cells yet."]
+    gd = rows[(rows["method"] == "gd") & rows["lr_default"] & (rows["ablate"] == "")]
+    by_base = gd.groupby("baseline")["SimAOU"].mean()
+    if "trained" in by_base and len(by_base) > 1:
+        others = {b: v for b, v in by_base.items() if b != "trained"}
+        agree = all(v >= by_base["trained"] - 0.05 for v in others.values())
+        out.append(f"1. SimAOU is no evidence on its own: GD SimAOU trained {by_base['trained']:.3f} vs "
+                   + ", ".join(f"{BASELINE_NAMES.get(b, b)} {v:.3f}" for b, v in others.items())
+                   + (" -> **agrees** (the re-initialised models score as high or higher)." if agree
+                      else " -> **does not agree** (the trained model scores clearly higher)."))
+    else:
+        out.append("1. Needs GD cells of the trained and re-initialised baselines (table1): not available yet.")
+    ft = rows[rows["method"].isin(["gd", "lcgd"]) & (rows["ablate"] == "")].dropna(subset=["SimAOU", "SimAOU_norm"])
+    if len(ft):
+        diff = ft["SimAOU_norm"] - ft["SimAOU"]
+        out.append(f"2. SimAOU_norm inflates similarity: mean SimAOU_norm {ft['SimAOU_norm'].mean():.3f} vs SimAOU "
+                   f"{ft['SimAOU'].mean():.3f}; higher in {100 * (diff > 0).mean():.0f}% of {len(ft)} cell-methods -> "
+                   + ("**agrees**." if diff.mean() > 0 and (diff > 0).mean() > 0.5 else "**does not agree**."))
+    t2 = table2(rows)
+    cells2 = rows[(rows["baseline"] == "trained") & rows["lr_default"] & (rows["ablate"] == "")]
+    if not t2.empty:
+        per_task = cells2.pivot_table(index="task", columns="method", values="SimAM_delta", aggfunc="mean").dropna()
+        wins = int((per_task["lcgd"] > per_task["gd"]).sum()) if {"gd", "lcgd"} <= set(per_task.columns) else 0
+        alpha = cells2[cells2["method"] == "gd"]["alpha"].dropna()
+        layer_gap = _layer_gap(coll)
+        out.append(f"3. LCGD scores higher SimAM_delta than GD on {wins} of {len(per_task)} tasks "
+                   f"(mean {per_task['lcgd'].mean():.3f} vs {per_task['gd'].mean():.3f}); alpha {alpha.mean():.3f} "
+                   f"± {alpha.std():.3f} over {len(alpha)} cells (paper: about 0.1-0.2); per-layer LCGD-GD gap "
+                   f"ranges {layer_gap[0]:+.3f} to {layer_gap[1]:+.3f} -> "
+                   + ("**agrees**" if wins > len(per_task) / 2 and 0.05 <= alpha.mean() <= 0.3 else
+                      "**partly agrees**" if wins > len(per_task) / 2 or 0.05 <= alpha.mean() <= 0.3 else "**does not agree**")
+                   + ".")
+        cells = _table2_cells(coll)
+        ratio = [np.mean(np.array(c["grad_norms"]["lcgd"]) / np.array(c["grad_norms"]["gd"])) for c in cells]
+        above = np.mean([np.mean(np.array(c["grad_norms"]["lcgd"]) > np.array(c["grad_norms"]["gd"])) for c in cells])
+        out.append(f"4. LCGD's per-layer gradient norms are {np.mean(ratio):.1f}x GD's on average "
+                   f"(larger in {100 * above:.0f}% of layer-steps, {len(cells)} cells) -> "
+                   + ("**agrees**." if np.mean(ratio) > 2 else "**does not agree**."))
+    else:
+        out.append("3./4. Need trained-model cells with both GD and LCGD (table2): not available yet.")
+    return out
+
+
+def _layer_gap(coll: Collected) -> tuple[float, float]:
+    cells = _table2_cells(coll)
+    gap = np.nanmean(_per_layer(cells, "lcgd", "SimAM_delta") - _per_layer(cells, "gd", "SimAM_delta"), 0)
+    return float(np.nanmin(gap)), float(np.nanmax(gap))
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, command: str | None = None) -> Path:
+    coll = collect(results_dir)
+    out = Path(out_dir) if out_dir else Path(results_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    n_cells = len(coll.cells)
+    lines = ["# lens-iclgd report", ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    status = f"{n_cells} finished cells"
+    if coll.expected:
+        status += f" of {coll.expected} defined by the grids here; {coll.missing} missing, {len(coll.failed)} failed"
+    lines += [f"Results: `{results_dir}`: {status}. Only finished cells are reported.", ""]
+    for f in coll.failed:
+        lines.append(f"- failed: {f['config']['task']} seed {f['config']['seed']} lr {f['config']['lr']}: {f['error']}")
+    if not coll.rows.empty:
+        models = sorted(coll.rows["model"].unique())
+        ks = sorted(coll.rows["k"].unique())
+        ns = sorted(coll.rows["n_test"].unique())
+        lines += [f"Models: {', '.join(models)}; k (effective): {', '.join(map(str, ks))}; test examples per cell: "
+                  f"{', '.join(map(str, ns))}.", ""]
+
+    sections = [("Table 1: vanilla GD against the model baselines", "table1", table1(coll.rows) if not coll.rows.empty else pd.DataFrame()),
+                ("Table 2: GD vs LCGD on the trained model", "table2", table2(coll.rows) if not coll.rows.empty else pd.DataFrame())]
+    for title, name, table in sections:
+        lines += [f"## {title}", ""]
+        if table.empty:
+            lines += ["No finished cells for this table.", ""]
+            continue
+        atomic_write_text(out / f"{name}.md", _markdown(table) + "\n")
+        atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
+        lines += [_markdown(table), "", "Cells: mean ± std over seeds (metrics: mean over layers).", ""]
+
+    lrs = choose_learning_rates(coll.rows) if not coll.rows.empty else pd.DataFrame()
+    if not lrs.empty:
+        toml = ["# Chosen by: the best mean GD accuracy on held-out training examples (ties: largest lr).", ""]
+        for model, sub in lrs.groupby("model"):
+            toml.append(f'["{model}"]')
+            toml += [f"{r.task} = {r.lr:g}  # held-out accuracy {r.heldout_acc:.3f}" for r in sub.itertuples()]
+        atomic_write_text(out / "chosen_learning_rates.toml", "\n".join(toml) + "\n")
+        lines += ["## Learning rates chosen from the sweep", "",
+                  "Rule: per task, the learning rate with the best mean GD accuracy on training examples held out "
+                  "from the demonstrations (ties: the largest); similarity metrics play no part.", "",
+                  "| model | task | lr | held-out acc | curve (lr: acc) |", "|---|---|---|---|---|"]
+        lines += [f"| {r.model} | {r.task} | {r.lr:g} | {r.heldout_acc:.3f} | {r.curve} |" for r in lrs.itertuples()]
+        lines.append("")
+
+    figures = [("fig2_alpha.png", lambda p: fig_alpha(coll.rows, p)), ("fig3_per_layer.png", lambda p: fig_per_layer(coll, p)),
+               ("fig4_grad_norms.png", lambda p: fig_grad_norms(coll, p)), ("fig_lr.png", lambda p: fig_lr(coll.rows, p)),
+               ("fig_ablation.png", lambda p: fig_ablation(coll.rows, p))]
+    lines += ["## Figures", ""]
+    for fname, make in figures:
+        caption = make(out / fname) if not coll.rows.empty else None
+        if caption:
+            lines += [f"![{fname}]({fname})", "", f"*{caption}*", ""]
+    lines += ["## Findings (PROTOCOL.md) against these results", ""] + findings(coll) + [""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out

@@ -1,0 +1,102 @@
+"""The vocabulary projection, without ever holding [rows, vocabulary] logits.
+
+gemma-3-270m has 262,144 words: one row of logits is 1 MB, and its unembedding matrix is
+671 MB. Everything here walks the vocabulary in chunks, keeping a running max and sum of
+exp (online softmax), so memory stays at [rows, chunk] and W_U is read once per call
+however many rows there are:
+
+- `log_probs`: log p(target) for rows of final residuals (scoring answer words);
+- `linear_cross_entropy`: per-row cross-entropy with its gradient w.r.t. the input,
+  accumulated in the same pass (GD and LCGD losses; W_U and b_U are frozen).
+
+Logits follow the model: `ln_final` is applied by the caller, then x @ W_U + b_U, then
+the output soft-cap if the model has one.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+VOCAB_CHUNK = 8192  # measured fastest on this CPU (gemma, 612 rows: 214 GFLOP/s vs 163 at 16384)
+
+
+def _online_logsumexp(x: Tensor, W: Tensor, b: Tensor, cap: float, chunk: int, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """logsumexp over the vocabulary of softcap(x @ W + b), and, if asked, its gradient
+    w.r.t. x (the softmax-weighted sum of W's columns, through the soft-cap)."""
+    n = x.shape[0]
+    run_max = torch.full((n,), float("-inf"), dtype=x.dtype)
+    run_sum = torch.zeros(n, dtype=x.dtype)
+    run_grad = torch.zeros_like(x) if with_grad else None
+    for lo in range(0, W.shape[1], chunk):
+        u = torch.addmm(b[lo : lo + chunk], x, W[:, lo : lo + chunk])
+        if cap > 0:
+            t = torch.tanh(u / cap)
+            z, dz = cap * t, 1 - t * t
+        else:
+            z, dz = u, None
+        new_max = torch.maximum(run_max, z.max(-1).values)
+        scale = torch.exp(run_max - new_max)
+        e = torch.exp(z - new_max[:, None])
+        run_sum = run_sum * scale + e.sum(-1)
+        if run_grad is not None:
+            weighted = e if dz is None else e * dz
+            run_grad = run_grad * scale[:, None] + weighted @ W[:, lo : lo + chunk].T
+        run_max = new_max
+    lse = run_max + torch.log(run_sum)
+    return lse, (run_grad / run_sum[:, None] if run_grad is not None else None)
+
+
+def _target_logit(x: Tensor, W: Tensor, b: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The target's logit, d logit / d pre-cap value, and the target's W column."""
+    w_t = W[:, targets].T  # [n, d_model]
+    u_t = (x * w_t).sum(-1) + b[targets]
+    if cap > 0:
+        t = torch.tanh(u_t / cap)
+        return cap * t, 1 - t * t, w_t
+    return u_t, torch.ones_like(u_t), w_t
+
+
+def _cap(softcap: float | None) -> float:
+    return float(softcap) if softcap is not None and softcap > 0 else 0.0
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, targets: Tensor, cap: float, chunk: int) -> Tensor:
+        lse, grad_lse = _online_logsumexp(x, W, b, cap, chunk, with_grad=True)
+        z_t, dz_t, w_t = _target_logit(x, W, b, targets, cap)
+        ctx.save_for_backward(grad_lse - dz_t[:, None] * w_t)
+        return lse - z_t
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (grad_x,) = ctx.saved_tensors
+        return grad_loss[:, None] * grad_x, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    x: Float[Tensor, "n d_model"],
+    W: Float[Tensor, "d_model vocab"],
+    b: Float[Tensor, "vocab"] | None,
+    targets: Int[Tensor, "n"],
+    softcap: float | None = None,
+    chunk: int = VOCAB_CHUNK,
+) -> Float[Tensor, "n"]:
+    """Cross-entropy of each row of softcap(x @ W + b) against its target, differentiable
+    w.r.t. x only (W and b must be frozen)."""
+    if W.requires_grad or (b is not None and b.requires_grad):
+        raise ValueError("linear_cross_entropy expects a frozen unembedding")
+    b = torch.zeros(W.shape[1], dtype=x.dtype) if b is None else b
+    return _LinearCrossEntropy.apply(x, W, b, targets, _cap(softcap), chunk)
+
+
+@torch.no_grad()
+def log_probs(model: HookedTransformer, x: Float[Tensor, "n d_model"], targets: Int[Tensor, "n"], chunk: int = VOCAB_CHUNK) -> Float[Tensor, "n"]:
+    """log p(target) under the model's unembedding, for rows already through ln_final."""
+    W, b, cap = model.unembed.W_U, model.unembed.b_U, _cap(model.cfg.output_logits_soft_cap)
+    lse, _ = _online_logsumexp(x, W, b, cap, chunk, with_grad=False)
+    z_t, _, _ = _target_logit(x, W, b, targets, cap)
+    return z_t - lse

@@ -1,0 +1,137 @@
+"""Grids on a tiny local model: interruption and resume, shards, partial reports."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA, run_cli
+from lens_iclgd.grid import cell_id, cells, load_grid, shard
+from lens_iclgd.report import collect, write_report
+
+
+def _grid_file(tmp_path: Path, model_dir: Path, **over) -> Path:
+    settings = {"name": "tiny", "models": [str(model_dir)], "tasks": ["sst2"], "seeds": [0, 1],
+                "methods": ["gd", "lcgd"], "lrs": [0.01, 0.03], "k": 3, "n_test": 6, "n_heldout": 4,
+                "data_dir": str(SHARED_DATA)}
+    settings.update(over)
+    text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+    path = tmp_path / "tiny.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+def _numbers(results_dir: Path) -> dict:
+    """Every cell's results.json, byte for byte (wall times are kept in timings.json)."""
+    return {f.parent.name: f.read_bytes() for f in sorted((results_dir / "cells").glob("*/results.json"))}
+
+
+def _wait_for(path_glob, root: Path, proc, count=1, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        if len(list(root.glob(path_glob))) >= count:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_grid_resumes_to_the_same_results(tmp_path, tiny_hf_dir, sig):
+    # 12 cells: enough after the first one for a kill to land mid-grid
+    config = _grid_file(tmp_path, tiny_hf_dir, lrs=[0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    total = 12
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_cli(["grid", str(config), "--results", str(whole)]).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "lens_iclgd.cli", "grid", str(config), "--results", str(broken)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for("cells/*/results.json", broken, proc), "the first cell never finished"
+    if sig == signal.SIGKILL:  # at a random point before the last cell finishes
+        stamps = sorted(f.stat().st_mtime for f in whole.glob("cells/*/results.json"))
+        delay = random.Random().uniform(0.0, 0.5 * (stamps[-1] - stamps[0]))
+        print(f"SIGKILL {delay:.2f}s after the first cell finished")
+        time.sleep(delay)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    done_before = len(list(broken.glob("cells/*/results.json")))
+    assert 1 <= done_before < total
+
+    # a report on the partial directory counts only finished cells and the missing ones
+    report = write_report(broken)
+    text = (report / "report.md").read_text()
+    assert f"{done_before} finished cells of {total} defined by the grids here; {total - done_before} missing" in text
+
+    resumed = run_cli(["grid", str(config), "--results", str(broken)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done_before} already done, {total - done_before} to run" in resumed.stdout
+    assert _numbers(broken) == _numbers(whole)
+    assert not list(broken.rglob("*.tmp"))  # a killed writer's temp files are cleaned up on resume
+    for f in broken.rglob("stages/*.pt"):  # every stage file is complete
+        assert torch.load(f, weights_only=False)["key"] in f.name
+
+
+def test_shards_split_the_grid_exactly(tmp_path, tiny_hf_dir):
+    config = _grid_file(tmp_path, tiny_hf_dir, seeds=[0, 1, 2], lrs=[0.01])
+    grid = load_grid(config)
+    all_ids = [cell_id(c) for c in cells(grid)]
+    parts = [[cell_id(c) for c in shard(cells(grid), i, 2)] for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(all_ids) and not set(parts[0]) & set(parts[1])
+
+    results = tmp_path / "shared"
+    outs = [run_cli(["grid", str(config), "--results", str(results), "--shard", f"{i}/2"]) for i in range(2)]
+    assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+    ran = [int(o.stdout.split(" to run")[0].rsplit(", ", 1)[1]) for o in outs]
+    assert sum(ran) == len(all_ids) == 3
+    assert sorted(p.parent.name for p in results.glob("cells/*/results.json")) == sorted(all_ids)
+    assert collect(results).missing == 0
+
+
+def test_changed_settings_never_reuse_stale_cells(tmp_path, tiny_hf_dir):
+    results = tmp_path / "r"
+    first = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01])
+    assert run_cli(["grid", str(first), "--results", str(results)]).returncode == 0
+    second = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], k=2)
+    out = run_cli(["grid", str(second), "--results", str(results)])
+    assert out.returncode == 0 and "0 already done, 1 to run" in out.stdout
+    ks = sorted(json.loads(f.read_text())["config"]["k_effective"] for f in results.glob("cells/*/results.json"))
+    assert ks == [2, 3]
+
+
+def test_diverging_cell_is_recorded_and_the_others_finish(tmp_path, tiny_hf_dir):
+    config = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01, 1e38])
+    results = tmp_path / "r"
+    out = run_cli(["grid", str(config), "--results", str(results)])
+    assert out.returncode == 0, out.stderr
+    failed = list(results.glob("cells/*/failed.json"))
+    assert len(failed) == 1 and len(list(results.glob("cells/*/results.json"))) == 1
+    info = json.loads(failed[0].read_text())
+    # step 0 runs on the original weights; its 1e38-sized update makes step 1 overflow
+    assert info["step"] == 1 and "loss became" in info["error"]
+    assert "1 failed" in (write_report(results) / "report.md").read_text()
+
+
+@pytest.mark.parametrize("body,message", [
+    ('name = "x"\n', "needs at least name and tasks"),
+    ('name = "x"\ntasks = ["sst2"]\nseeds = [0.5]\n', "seeds must be a non-empty list of int"),
+    ('name = "x"\ntasks = ["sst2"]\nk = 0\n', "k must be an integer >= 1"),
+    ('name = "x"\ntasks = ["sst2"]\nlrs = [-1.0]\n', "lr must be a finite number > 0"),
+    ('name = "x"\ntasks = ["nope"]\n', "unknown task"),
+    ('name = "x"\ntasks = ["sst2"\n', "not valid TOML"),
+    ('name = "x"\ntasks = ["sst2"]\ncolour = 3\n', "unknown key"),
+    (None, "does not exist"),
+])
+def test_bad_grid_configs(tmp_path, body, message):
+    path = tmp_path / "g.toml"
+    if body is not None:
+        path.write_text(body)
+    proc = run_cli(["grid", str(path), "--results", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA)])
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
