@@ -31,7 +31,7 @@ from typing import Any
 from .errors import TrainingDiverged, UserError
 from .models import LoadedModel, load_model, make_baseline
 from .recording import DEFAULT_POSITION
-from .runner import RunConfig, run
+from .runner import RunConfig, default_lr, run
 from .store import atomic_write_json, check_writable, config_key, remove_stale_temp_files
 from .tasks import load_split, load_task
 
@@ -128,6 +128,8 @@ def group_of(c: RunConfig) -> tuple:
 def cell_id(c: RunConfig) -> str:
     settings = dataclasses.asdict(c)
     settings.pop("batch_size")  # does not change the numbers beyond float tolerance
+    if c.lr is None and c.ft_methods:  # "default": the id follows learning_rates.toml, so an edit there reruns
+        settings["lr_default"] = default_lr(c.model, load_task(c.task))[0]
     lr = "default" if c.lr is None else f"{c.lr:g}"
     readable = f"{Path(c.model).name}__{c.baseline}__{Path(c.task).stem}__seed{c.seed}__lr{lr}"
     if c.ablate:

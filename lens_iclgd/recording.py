@@ -110,17 +110,6 @@ def _scored_tokens(row: _Row, query: Query, options: list[list[int]]) -> list[tu
     return out
 
 
-def _new_recording(model: HookedTransformer, queries: Sequence[Query], n_options: int, max_keys: int) -> Recording:
-    cfg = model.cfg
-    n = len(queries)
-    return Recording(
-        attn_out=torch.zeros(n, cfg.n_layers, cfg.d_model),
-        attn_scores=torch.full((n, cfg.n_layers, cfg.n_heads, max_keys), float("nan")),
-        option_logprobs=torch.zeros(n, n_options),
-        labels=torch.tensor([q.label for q in queries], dtype=torch.long),
-    )
-
-
 def _finite_or_nan(x: Tensor) -> Tensor:
     # keys masked by a sliding window come out as -inf; treat them like absent keys
     return torch.where(torch.isfinite(x), x, torch.full_like(x, float("nan")))
@@ -202,6 +191,21 @@ def _record_batch(model: HookedTransformer, batch: list[_Row], queries: Sequence
     return model.ln_final(resid[bs, ps][None])[0], ts, qs, opts
 
 
+def _start_recording(model: HookedTransformer, queries: Sequence[Query], options: list[list[int]], position: str) -> Recording:
+    """Check the shared arguments of `record` and `record_reference`; an empty Recording."""
+    check_position(position)
+    if not queries:
+        raise UserError("record needs at least one test example")
+    cfg, n = model.cfg, len(queries)
+    max_keys = max(_record_index(q, position) for q in queries) + 1
+    return Recording(
+        attn_out=torch.zeros(n, cfg.n_layers, cfg.d_model),
+        attn_scores=torch.full((n, cfg.n_layers, cfg.n_heads, max_keys), float("nan")),
+        option_logprobs=torch.zeros(n, len(options)),
+        labels=torch.tensor([q.label for q in queries], dtype=torch.long),
+    )
+
+
 @torch.no_grad()
 def record(
     model: HookedTransformer,
@@ -215,13 +219,9 @@ def record(
     """Record every query after a shared prefix, in batches, reusing the prefix's KV cache.
 
     `hooks` (e.g. ablations) are active in every forward pass, the prefix's included."""
-    check_position(position)
-    if not queries:
-        raise UserError("record needs at least one test example")
     check_int("batch_size", batch_size, 1)
+    rec = _start_recording(model, queries, options, position)
     rows = _rows(queries, options)
-    max_keys = max(_record_index(q, position) for q in queries) + 1
-    rec = _new_recording(model, queries, len(options), max_keys)
     scored = []
     # Sorting by length keeps padding low; the order is fixed, so results are reproducible.
     order = sorted(range(len(rows)), key=lambda r: (len(rows[r].tokens), r))
@@ -252,11 +252,9 @@ def record_reference(
     """The naive reference: full prompt per example, batch 1, full `run_with_cache`, the
     model's own unembedding at every position. Same rows as `record` (one per example,
     plus one per multi-token answer option), nothing else shared with it."""
-    check_position(position)
     cfg = model.cfg
     n_prefix = len(prefix)
-    max_keys = max(_record_index(q, position) for q in queries) + 1
-    rec = _new_recording(model, queries, len(options), max_keys)
+    rec = _start_recording(model, queries, options, position)
     with model.hooks(fwd_hooks=list(hooks)):
         for qi, q in enumerate(queries):
             for row in _rows([q], options):

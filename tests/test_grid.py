@@ -135,3 +135,18 @@ def test_bad_grid_configs(tmp_path, body, message):
     proc = run_cli(["grid", str(path), "--results", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA)])
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+
+
+def test_default_lr_cells_follow_the_learning_rate_table(tmp_path, monkeypatch, tiny_hf_dir):
+    """A cell run with lrs = ["default"] must not be reused after learning_rates.toml changes."""
+    from lens_iclgd import runner
+
+    grid = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"]))
+    (cell,) = cells(grid)
+    table = tmp_path / "learning_rates.toml"
+    monkeypatch.setattr(runner, "LEARNING_RATES_FILE", table)
+    ids = []
+    for lr in (0.01, 0.02, 0.01):
+        table.write_text(f'["{cell.model}"]\nsst2 = {lr}\n')
+        ids.append(cell_id(cell))
+    assert ids[0] != ids[1] and ids[0] == ids[2]
