@@ -1,5 +1,7 @@
 """Errors a user can fix. The CLI prints them as one line and exits non-zero."""
 
+import math
+
 
 class UserError(Exception):
     """Bad input or environment: the message says what is wrong and what to do."""
@@ -22,3 +24,8 @@ def check_int(name: str, value: object, minimum: int) -> None:
         raise UserError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise UserError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def check_lr(lr: object) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise UserError(f"lr must be a finite number > 0, got {lr!r}")

@@ -81,6 +81,13 @@ def _apply_rotary(self, x: Tensor, past_kv_pos_offset: int = 0, attention_mask=N
     return torch.cat([x[:, :start], out], dim=1) if start else out
 
 
+def prerotation_supported(model: HookedTransformer) -> bool:
+    """Can cached prefix keys be stored already rotated? (Not for the rotary variants
+    that `_apply_rotary` hands back to TransformerLens.)"""
+    cfg = model.cfg
+    return cfg.positional_embedding_type == "rotary" and not cfg.use_dynamic_ntk_rope and not cfg.rotary_adjacent_pairs
+
+
 @contextmanager
 def fast_forward(model: HookedTransformer, rotated_prefix: int = 0) -> Iterator[None]:
     """Patch the model's modules (see the module docstring) inside the block.

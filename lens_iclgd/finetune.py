@@ -19,7 +19,6 @@ full logits are ever held in memory and W_U is read once per step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from .errors import TrainingDiverged, UserError
+from .errors import TrainingDiverged, UserError, check_lr
 from .fast import fast_forward
 from .models import kv_parameters
 from .recording import Hook
@@ -50,46 +49,45 @@ def gd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> Float[T
     return _unembed_loss(model, resid[:-1], tokens[0, 1:]).sum()[None]
 
 
-def lcgd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "layer"]:
-    """LCGD: each layer's own summed next-token loss through ln_final/unembed, with every
-    layer's input detached so gradients never cross from one layer to another."""
+def layer_outputs(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> list[Float[Tensor, "1 pos d_model"]]:
+    """Every layer's `hook_resid_post`, with every layer's input (`hook_resid_pre`)
+    detached so that gradients never cross from one layer to another (LCGD)."""
     n_layers = model.cfg.n_layers
     resid_post: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
 
-    def detach_input(act: Tensor, hook) -> Tensor:
-        return act.detach()
-
     def keep_output(act: Tensor, hook, layer: int) -> None:
-        resid_post[layer] = act[0, :-1]
+        resid_post[layer] = act
 
-    hooks = [(f"blocks.{l}.hook_resid_pre", detach_input) for l in range(n_layers)]
+    hooks = [(f"blocks.{l}.hook_resid_pre", lambda a, hook: a.detach()) for l in range(n_layers)]
     hooks += [(f"blocks.{l}.hook_resid_post", lambda a, hook, l=l: keep_output(a, hook, l)) for l in range(n_layers)]
     with model.hooks(fwd_hooks=hooks):
         model(tokens, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers)
+    return resid_post
+
+
+def lcgd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "layer"]:
+    """LCGD: each layer's own summed next-token loss through ln_final/unembed, every
+    layer's input detached."""
+    resid_post = [r[0, :-1] for r in layer_outputs(model, tokens)]
     # All layers in one projection: the unembedding is read once per step, not once per layer.
-    targets = tokens[0, 1:].repeat(n_layers)
+    targets = tokens[0, 1:].repeat(len(resid_post))
     per_token = _unembed_loss(model, torch.cat(resid_post), targets)
-    return per_token.view(n_layers, -1).sum(-1)
+    return per_token.view(len(resid_post), -1).sum(-1)
 
 
 def reference_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], method: str) -> Float[Tensor, "layer"]:
     """The straightforward version (benchmark baseline): TransformerLens's own unembed,
     full [pos, vocab] logits for every layer, F.cross_entropy."""
     import torch.nn.functional as F
+    from transformer_lens.utilities.activation_functions import apply_softcap
 
     targets = tokens[0, 1:]
     if method == "gd":
         logits = model(tokens, attention_mask=torch.ones_like(tokens))[0, :-1]
         return F.cross_entropy(logits, targets, reduction="sum")[None]
-    n_layers = model.cfg.n_layers
-    resid_post: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
-    hooks = [(f"blocks.{l}.hook_resid_pre", lambda a, hook: a.detach()) for l in range(n_layers)]
-    hooks += [(f"blocks.{l}.hook_resid_post", lambda a, hook, l=l: resid_post.__setitem__(l, a)) for l in range(n_layers)]
-    with model.hooks(fwd_hooks=hooks):
-        model(tokens, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers)
-    return torch.stack([
-        F.cross_entropy(model.unembed(model.ln_final(r))[0, :-1], targets, reduction="sum") for r in resid_post
-    ])
+    cap = model.cfg.output_logits_soft_cap  # applied as the model's own forward does
+    logits = [apply_softcap(model.unembed(model.ln_final(r)), cap)[0, :-1] for r in layer_outputs(model, tokens)]
+    return torch.stack([F.cross_entropy(x, targets, reduction="sum") for x in logits])
 
 
 _LOSSES = {"gd": gd_losses, "lcgd": lcgd_losses}
@@ -121,8 +119,7 @@ def train(
     """One SGD pass over the demonstrations, updating K/V in place (see `finetuned`).
     `reference=True` uses the straightforward losses on plain TransformerLens."""
     check_method(method)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise UserError(f"lr must be a finite number > 0, got {lr!r}")
+    check_lr(lr)
     if not demos:
         raise UserError("finetuning needs at least one demonstration")
     layers = kv_parameters(model, kv_bias)

@@ -86,6 +86,8 @@ def load_grid(path: str | Path) -> GridConfig:
     for key, kind in _SCALARS.items():
         if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
             raise UserError(f"grid config {path}: {key} must be {'an integer' if kind is int else 'a string'}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", raw["name"]):
+        raise UserError(f"grid config {path}: name {raw['name']!r} must use only letters, digits, '_', '.', '-'")
     lrs = []
     for lr in raw.get("lrs", [None]):
         if lr == "default" or lr is None:

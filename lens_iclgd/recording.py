@@ -33,7 +33,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .errors import UserError, check_int
-from .fast import fast_forward, rotate_cached_keys
+from .fast import fast_forward, prerotation_supported, rotate_cached_keys
 from .prompts import Query
 from .vocab import log_probs
 
@@ -125,7 +125,7 @@ def prefix_cache(model: HookedTransformer, prefix: list[int]) -> tuple[Transform
         return None, 0
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
     tokens = torch.tensor([prefix])
-    rotary = model.cfg.positional_embedding_type == "rotary"
+    rotary = prerotation_supported(model)  # else TransformerLens rotates the cached keys itself
     rotated: list[Tensor] = [None] * model.cfg.n_layers  # type: ignore[list-item]
 
     def keep(act: Tensor, hook, layer: int) -> None:

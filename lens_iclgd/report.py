@@ -37,25 +37,31 @@ BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings"
 TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
 
+COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "ablate", "k", "n_test",
+           "acc_zs", "acc_icl", "alpha", "method", "acc_ft", "heldout_acc", *METRICS]
+
+
 @dataclass
 class Collected:
-    rows: pd.DataFrame  # one row per (cell, method)
+    rows: pd.DataFrame  # one row per (cell, method), columns COLUMNS
     cells: list[dict[str, Any]]  # the results.json of every finished cell
     expected: int  # cells the recorded grids define (0 if unknown)
     failed: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def missing(self) -> int:
-        return max(self.expected - len(self.cells) - len(self.failed), 0)
+    missing: int = 0  # expected cells neither finished nor failed
+    stale: int = 0  # finished cells no recorded grid defines any more (settings changed): left out
 
 
 def collect(results_dir: str | Path) -> Collected:
+    """Finished cells of `results_dir`. Where grids are recorded (grids/*.json), only the
+    cells they define count, so a cell from an older setting is never pooled in."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results directory {results_dir} does not exist")
+    expected = _expected_cells(results_dir)
     files = sorted(results_dir.glob("cells/*/results.json")) or sorted(results_dir.glob("**/results.json"))
+    current = [f for f in files if not expected or f.parent.name in expected]
     cells, rows = [], []
-    for f in files:
+    for f in current:
         try:
             r = json.loads(f.read_text())
         except (json.JSONDecodeError, OSError):
@@ -77,18 +83,21 @@ def collect(results_dir: str | Path) -> Collected:
                    "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
             row.update({name: m[name]["mean"] for name in METRICS})
             rows.append(row)
-    failed = [json.loads(f.read_text()) for f in sorted(results_dir.glob("cells/*/failed.json"))
-              if not (f.parent / "results.json").exists()]
-    return Collected(pd.DataFrame(rows), cells, _expected_cells(results_dir), failed)
+    failed_files = [f for f in sorted(results_dir.glob("cells/*/failed.json"))
+                    if not (f.parent / "results.json").exists() and (not expected or f.parent.name in expected)]
+    failed = [json.loads(f.read_text()) for f in failed_files]
+    done = {f.parent.name for f in current} | {f.parent.name for f in failed_files}
+    return Collected(pd.DataFrame(rows, columns=COLUMNS), cells, len(expected), failed,
+                     missing=len(expected - done), stale=len(files) - len(current))
 
 
-def _expected_cells(results_dir: Path) -> int:
+def _expected_cells(results_dir: Path) -> set[str]:
     from .grid import GridConfig, cell_id, cells
 
     ids: set[str] = set()
     for f in sorted(results_dir.glob("grids/*.json")):
         ids |= {cell_id(c) for c in cells(GridConfig(**json.loads(f.read_text())))}
-    return len(ids)
+    return ids
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -399,6 +408,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
     status = f"{n_cells} finished cells"
     if coll.expected:
         status += f" of {coll.expected} defined by the grids here; {coll.missing} missing, {len(coll.failed)} failed"
+    if coll.stale:
+        status += f"; {coll.stale} cells from older settings left out"
     lines += [f"Results: `{results_dir}`: {status}. Only finished cells are reported.", ""]
     for f in coll.failed:
         lines.append(f"- failed: {f['config']['task']} seed {f['config']['seed']} lr {f['config']['lr']}: {f['error']}")

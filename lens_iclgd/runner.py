@@ -31,7 +31,7 @@ import torch
 
 from . import metrics as M
 from .ablation import ablation_hooks, parse_ablation
-from .errors import UserError, check_int
+from .errors import UserError, check_int, check_lr
 from .finetune import METHODS as FT_METHODS
 from .finetune import FinetuneLog, check_method, finetuned
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
@@ -77,8 +77,7 @@ class RunConfig:
         for name, minimum in (("k", 1), ("n_test", 1), ("n_heldout", 0), ("order", 0), ("batch_size", 1)):
             check_int(name, getattr(self, name), minimum)
         if self.lr is not None:
-            need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), f"lr must be a number, got {self.lr!r}")
-            need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+            check_lr(self.lr)
         methods = tuple(self.methods)
         need(len(methods) > 0, "methods is empty: give some of icl, gd, lcgd")
         for m in methods:
@@ -148,9 +147,18 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
 
 
 def permute_demos(prompts: PromptSet, seed: int, order: int) -> None:
-    """Reorder the demonstrations (the same set) by a permutation fixed by (seed, order)."""
-    perm = list(range(prompts.k))
-    random.Random(f"order-{seed}-{order}").shuffle(perm)
+    """Reorder the demonstrations (the same set) by the order-th of a seeded sequence of
+    distinct permutations; order 0 is the identity, so no two orders coincide."""
+    k = prompts.k
+    if order >= math.factorial(k):
+        raise UserError(f"{k} demonstrations have only {math.factorial(k)} orders; ask for fewer --orders or a larger k")
+    rng, perms = random.Random(f"order-{seed}"), [tuple(range(k))]
+    while len(perms) <= order:
+        perm = list(range(k))
+        rng.shuffle(perm)
+        if tuple(perm) not in perms:
+            perms.append(tuple(perm))
+    perm = perms[order]
     prompts.demos = [prompts.demos[i] for i in perm]
     prompts.demo_rows = [prompts.demo_rows[i] for i in perm]
     prompts.demo_labels = [prompts.demo_labels[i] for i in perm]
@@ -161,8 +169,7 @@ def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: Loaded
     (order 0 is the seed's). Sequential GD, like ICL, depends on the order; full-batch GD
     would not. Each order is a full run in out/order<p>; the spread across orders goes to
     out/orders.json and out/orders.csv."""
-    if not isinstance(n_orders, int) or n_orders < 2:
-        raise UserError(f"--orders must be an integer >= 2, got {n_orders!r}")
+    check_int("--orders", n_orders, 2)
     config = config.validate()
     out = check_writable(Path(out))
     if loaded is None:

@@ -49,17 +49,15 @@ def per_layer_frame(results: dict) -> pd.DataFrame:
 
 
 def write_views(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    import matplotlib
+    from .report import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _save
+    plt = _plt()
 
     results = load_results(run_dir)
     if not results["metrics"]:
         raise UserError(f"{run_dir} has no finetuning metrics (run it with --methods including gd or lcgd)")
-    out = Path(out_dir) if out_dir else Path(run_dir) / "views"
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else (run_dir.parent if run_dir.name == "results.json" else run_dir) / "views"
     c = results["config"]
     label = f"{c['model']} ({c['baseline']}), {Path(c['task']).stem}, k={c['k_effective']}, seed {c['seed']}"
     heads = per_head_frame(results)

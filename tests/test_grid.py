@@ -103,6 +103,8 @@ def test_changed_settings_never_reuse_stale_cells(tmp_path, tiny_hf_dir):
     assert out.returncode == 0 and "0 already done, 1 to run" in out.stdout
     ks = sorted(json.loads(f.read_text())["config"]["k_effective"] for f in results.glob("cells/*/results.json"))
     assert ks == [2, 3]
+    coll = collect(results)  # the report counts the cell of the current setting only
+    assert len(coll.cells) == 1 and coll.cells[0]["config"]["k_effective"] == 2 and coll.stale == 1
 
 
 def test_diverging_cell_is_recorded_and_the_others_finish(tmp_path, tiny_hf_dir):
@@ -122,6 +124,7 @@ def test_diverging_cell_is_recorded_and_the_others_finish(tmp_path, tiny_hf_dir)
     ('name = "x"\n', "needs at least name and tasks"),
     ('name = "x"\ntasks = ["sst2"]\nseeds = [0.5]\n', "seeds must be a non-empty list of int"),
     ('name = "x"\ntasks = ["sst2"]\nk = 0\n', "k must be an integer >= 1"),
+    ('name = "../x"\ntasks = ["sst2"]\n', "must use only letters"),
     ('name = "x"\ntasks = ["sst2"]\nlrs = [-1.0]\n', "lr must be a finite number > 0"),
     ('name = "x"\ntasks = ["nope"]\n', "unknown task"),
     ('name = "x"\ntasks = ["sst2"\n', "not valid TOML"),

@@ -71,3 +71,13 @@ def test_recording_is_deterministic(gqa_model, sst2_rows):
     a = record(gqa_model.model, p.icl_prefix(), p.queries, p.options)
     b = record(gqa_model.model, p.icl_prefix(), p.queries, p.options)
     assert torch.equal(a.attn_out, b.attn_out) and torch.equal(a.option_logprobs, b.option_logprobs)
+
+
+def test_rotary_variant_without_prerotation_still_equals_full_prompt(tokenizer, sst2_rows):
+    """GPT-J style rotary (adjacent pairs) is left to TransformerLens: the prefix cache then
+    keeps unrotated keys, and the cached path must still equal the full prompt."""
+    lm = tiny_model(tokenizer, gqa=True)
+    lm.model.cfg.rotary_adjacent_pairs = True
+    p = build_prompts(lm.model, load_task("sst2"), sst2_rows["train"], sst2_rows["validation"], k=4, seed=0, n_test=5)
+    _close(record(lm.model, p.icl_prefix(), p.queries, p.options, batch_size=2),
+           record_reference(lm.model, p.icl_prefix(), p.queries, p.options))
