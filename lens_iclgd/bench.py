@@ -27,11 +27,10 @@ import torch
 from transformer_lens import HookedTransformerConfig
 
 from .finetune import finetuned
-from .models import kv_parameters, load_model
-from .prompts import PromptSet, build_prompts
+from .models import kv_parameters
+from .prompts import PromptSet
 from .recording import Recording, record, record_reference
-from .runner import RunConfig, default_lr
-from .tasks import load_split, load_task
+from .runner import RunConfig, prepare
 
 
 def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
@@ -190,11 +189,8 @@ def run_bench(args) -> float:
     print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
     peak = matmul_peak()
     print(f"matmul peak (float32 2048^3, measured now): {peak:.0f} GFLOP/s")
-    task = load_task(args.task)
-    lr = cfg_run.lr if cfg_run.lr is not None else default_lr(args.model, task)[0]
-    lm = load_model(args.model)
-    p = build_prompts(lm.model, task, load_split(task, task.train_split, args.data_dir),
-                      load_split(task, task.eval_split, args.data_dir), args.k, args.seed, args.n_test)
+    inp = prepare(cfg_run)  # the same data, model and prompts as `run`
+    lm, p, lr = inp.loaded, inp.prompts, inp.config.lr
     print(f"cell: {args.model} {args.task} k={p.k} n_test={len(p.queries)} lr={lr:g} "
           f"(ICL prefix {len(p.icl_prefix())} tokens, mean test prompt {sum(len(q.prompt) for q in p.queries) / len(p.queries):.1f})")
 

@@ -110,3 +110,13 @@ def test_full_output_dir(tmp_path):
 def test_debug_shows_traceback():
     proc = run_cli(["--debug", "run", "--task", "sst3"])
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_bench_runs_both_pipelines_and_ends_with_the_speedup(tiny_hf_dir):
+    out = run_cli(["bench", "--model", str(tiny_hf_dir), "--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "5",
+                   "--lr", "0.01"])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
+    assert "predictions identical: zs 100%, icl 100%" in out.stdout
+    assert "matmul peak" in out.stdout and "peak memory" in out.stdout

@@ -35,6 +35,19 @@ def test_linear_cross_entropy_matches_full_logits(softcap):
     assert torch.allclose(grad_got, x.grad, atol=1e-5)
 
 
+def test_log_probs_in_row_blocks_match_full_log_softmax(gqa_model, monkeypatch):
+    from lens_iclgd import vocab
+
+    model = gqa_model.model
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, model.cfg.d_model, generator=g)
+    t = torch.randint(0, model.cfg.d_vocab, (11,), generator=g)
+    monkeypatch.setattr(vocab, "MAX_ROWS", 4)  # three blocks, the last one short
+    got = vocab.log_probs(model, x, t, chunk=1000)
+    want = model.unembed(x[None])[0].log_softmax(-1)[torch.arange(11), t]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def _demos(lm, sst2_rows, k=3):
     p = build_prompts(lm.model, load_task("sst2"), sst2_rows["train"], sst2_rows["validation"], k=k, seed=0, n_test=4)
     return p
