@@ -19,6 +19,7 @@ import logging
 import math
 import platform
 import random
+import resource
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -311,6 +312,8 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
     results = assemble_results(inp, stages)
     # Wall times live apart from the results, which are byte-for-byte reproducible.
     timings = {s: round(stages[s]["seconds"], 2) for s in stages} | {"total": round(time.perf_counter() - t_start, 2)}
+    # the process's peak resident memory so far (in a grid: over the cells run before, too)
+    timings["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if out is not None:
         atomic_write_json(Path(out) / "timings.json", timings)
         write_results(Path(out), results, examples_table(inp, stages), per_layer_table(inp, stages))
@@ -448,5 +451,5 @@ def summary_table(results: dict) -> str:
     if "alpha" in results:
         a = results["alpha"]["mean"]
         lines.append(f"{'alpha (GD vs LCGD SimAM_delta)':<28}{'n/a' if a is None else f'{a:.3f}':>10}")
-    lines.append(f"wall time {results['timings_s']['total']:.0f} s")
+    lines.append(f"wall time {results['timings_s']['total']:.0f} s, peak memory {results['timings_s']['peak_rss_mb']} MB")
     return "\n".join(lines)
