@@ -1,12 +1,14 @@
 """Ablations, custom tasks, order sensitivity, views and the Python API."""
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_cli, tiny_model
+from conftest import ROOT, SHARED_DATA, run_cli, tiny_model
 from lens_iclgd.ablation import ablation_hooks, parse_ablation
 from lens_iclgd.errors import UserError
 from lens_iclgd.finetune import train
@@ -142,3 +144,13 @@ def test_public_api_and_metric_frames(gqa_model, sst2_rows):
     assert torch.allclose(torch.tensor(by_layer.to_numpy(), dtype=torch.float32), per["SimAOU"].mean(0), atol=1e-6)
     with pytest.raises(AttributeError):
         li.no_such_thing
+
+
+def test_worked_api_example_runs(tiny_hf_dir):
+    """experiments/api_example.py (shown in the README) on a tiny local model."""
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "api_example.py"), "--model", str(tiny_hf_dir),
+                           "--task", "sst2", "--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "4", "--ablate", "attn1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy with attn1 ablated" in proc.stdout and "LCGD: accuracy" in proc.stdout
+    assert "SimAM_delta" in proc.stdout
