@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -160,6 +161,30 @@ def run_pipeline(lm, p: PromptSet, lr: float, naive: bool, batch_size: int) -> P
     return out
 
 
+def profile_phases(lm, p: PromptSet, lr: float, batch_size: int, top: int = 8) -> None:
+    """Where the optimised pipeline's time goes: each phase once more under the PyTorch
+    profiler (separately from the timed runs, whose numbers it would distort); prints the
+    operators with the most self CPU time and their share of the phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = lm.model
+
+    def show(name: str, prof) -> None:
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops) or 1
+        print(f"profile {name}: " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in ops[:top]))
+
+    for name, prefix in (("ZS", p.zs_prefix()), ("ICL", p.icl_prefix())):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            record(model, prefix, p.queries, p.options, batch_size=batch_size)
+        show(name, prof)
+    for method in ("gd", "lcgd"):
+        with ExitStack() as restore:  # the trained weights are put back on leaving
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                restore.enter_context(finetuned(model, p.demos, p.bos, method, lr, lm.kv_bias))
+        show(f"{method.upper()} train", prof)
+
+
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.nan_to_num(), b.nan_to_num()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -180,6 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="also profile each optimised phase (top operators)")
 
 
 def run_bench(args) -> float:
@@ -219,6 +245,8 @@ def run_bench(args) -> float:
           + ", K/V after " + ", ".join(f"{m} {d:.1e}" for m, d in wdiff.items()))
     agree = {s: (opt.recordings[s].predictions == ref.recordings[s].predictions).float().mean().item() for s in diffs}
     print("predictions identical: " + ", ".join(f"{s} {100 * v:.0f}%" for s, v in agree.items()))
+    if args.profile:
+        profile_phases(lm, p, lr, args.batch_size)
     speedup = ref.seconds / opt.seconds
     print(f"speedup: {speedup:.2f}")
     return speedup

@@ -114,8 +114,9 @@ def test_debug_shows_traceback():
 
 def test_bench_runs_both_pipelines_and_ends_with_the_speedup(tiny_hf_dir):
     out = run_cli(["bench", "--model", str(tiny_hf_dir), "--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "5",
-                   "--lr", "0.01"])
+                   "--lr", "0.01", "--profile"])
     assert out.returncode == 0, out.stderr
+    assert "profile ICL: " in out.stdout and "profile LCGD train: " in out.stdout
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
     assert "predictions identical: zs 100%, icl 100%" in out.stdout
