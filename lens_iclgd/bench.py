@@ -214,7 +214,7 @@ def run_bench(args) -> float:
 
     print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
     peak = matmul_peak()
-    print(f"matmul peak (float32 2048^3, measured now): {peak:.0f} GFLOP/s")
+    print(f"matmul peak (float32 2048^3, measured now): {peak:.0f} GFLOP/s", flush=True)
     inp = prepare(cfg_run)  # the same data, model and prompts as `run`
     lm, p, lr = inp.loaded, inp.prompts, inp.config.lr
     print(f"cell: {args.model} {args.task} k={p.k} n_test={len(p.queries)} lr={lr:g} "
@@ -225,6 +225,10 @@ def run_bench(args) -> float:
         print(f"running the {name} pipeline ...", flush=True)
         results[name] = run_pipeline(lm, p, lr, naive, args.batch_size)
     opt, ref = results["optimised"], results["naive"]
+    # Measured again after the runs; the higher value is the peak (a conservative share).
+    again = matmul_peak()
+    print(f"matmul peak measured again after the runs: {again:.0f} GFLOP/s; using {max(peak, again):.0f}")
+    peak = max(peak, again)
 
     head = f"{'phase':<12}{'optimised s':>12}{'naive s':>10}{'speedup':>9}{'opt GFLOP/s':>13}{'% peak':>8}{'naive GFLOP/s':>15}{'opt tok/s':>11}"
     print(head)

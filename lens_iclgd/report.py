@@ -138,6 +138,14 @@ def _pm(m: float, s: float) -> str:
     return f"{m:.3f}" if not np.isfinite(s) else f"{m:.3f} ± {s:.3f}"
 
 
+def _plain_markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v) for v in r) + " |"
+              for r in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def _markdown(table: pd.DataFrame) -> str:
     cols = ["row"] + [c for c in table.columns if c != "row" and not c.endswith(("_mean", "_std", "_n"))]
     lines = ["| " + " | ".join("" if c == "row" else c for c in cols) + " |", "|" + "---|" * len(cols)]
@@ -309,14 +317,38 @@ def fig_lr(rows: pd.DataFrame, path: Path) -> str | None:
                             "training examples held out from the demonstrations (the lr-selection rule).")
 
 
-def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
+def _ablation_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ablated cells (with their layer) and the un-ablated cells of the same settings
+    (same tasks, baselines, seeds, n_test and lr rule), the reference of the sweep."""
     ab = rows[(rows["ablate"] != "") & rows["method"].isin(["gd", "lcgd"])]
+    ab = ab.assign(layer=ab["ablate"].str.extract(r"(\d+)", expand=False).astype(int))
+    same = ["task", "baseline", "seed", "n_test", "lr_default"]
+    base = rows[(rows["ablate"] == "") & rows["method"].isin(["gd", "lcgd"])]
+    base = base.merge(ab[same].drop_duplicates(), on=same)
+    if not ab.empty and ab["lr_default"].all():
+        base = base[base["lr_default"]]
+    return ab, base
+
+
+def ablation_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per ablated component (and "none"), mean over tasks and seeds: accuracies
+    and each similarity metric of every finetuning method."""
+    ab, base = _ablation_rows(rows)
+    if ab.empty:
+        return pd.DataFrame()
+    cols = ["acc_zs", "acc_icl", "acc_ft", "SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta"]
+    both = pd.concat([base.assign(ablate="none", layer=-1), ab])
+    table = both.groupby(["layer", "ablate", "method"])[cols].mean().unstack("method")
+    table.columns = [f"{c} {m.upper()}" if c not in ("acc_zs", "acc_icl") else c for c, m in table.columns]
+    table = table.loc[:, ~table.columns.duplicated()].reset_index().drop(columns="layer")
+    return table.rename(columns={"ablate": "ablated"}).round(3)
+
+
+def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
+    ab, base = _ablation_rows(rows)
     if ab.empty:
         return None
     plt = _plt()
-    ab = ab.assign(layer=ab["ablate"].str.extract(r"(\d+)", expand=False).astype(int))
-    base = rows[(rows["ablate"] == "") & rows["method"].isin(["gd", "lcgd"])
-                & rows["task"].isin(ab["task"]) & rows["baseline"].isin(ab["baseline"])]
     panels = [("acc_icl", "ICL accuracy"), ("SimAOU", "SimAOU"), ("SimAM", "SimAM"), ("SimAM_delta", "SimAM_delta")]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
     for ax, (col, label) in zip(axes, panels):
@@ -336,7 +368,7 @@ def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
     kinds = ", ".join(sorted(set(ab["ablate"].str.replace(r"\d+", "L", regex=True))))
     fig.suptitle(f"Single-layer ablation sweep ({kinds})")
     return _save(fig, path, "Each point: one layer ablated in every setting (ZS, ICL, GD, LCGD, training included); "
-                            "dotted: no ablation. Mean over tasks and seeds.")
+                            "dotted: the same cells without ablation. Mean over tasks and seeds.")
 
 
 # --- findings ---------------------------------------------------------------------------------
@@ -430,6 +462,13 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
         atomic_write_text(out / f"{name}.md", _markdown(table) + "\n")
         atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         lines += [_markdown(table), "", "Cells: mean ± std over seeds (metrics: mean over layers).", ""]
+
+    ablations = ablation_table(coll.rows) if not coll.rows.empty else pd.DataFrame()
+    if not ablations.empty:
+        atomic_write_bytes(out / "ablation.csv", ablations.to_csv(index=False).encode())
+        lines += ["## Ablation sweep", "", _plain_markdown(ablations), "",
+                  "Each row: that component ablated in every setting; mean over tasks and seeds. "
+                  "`acc_ft`: accuracy after finetuning.", ""]
 
     lrs = choose_learning_rates(coll.rows) if not coll.rows.empty else pd.DataFrame()
     if not lrs.empty:

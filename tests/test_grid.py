@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -153,3 +154,20 @@ def test_default_lr_cells_follow_the_learning_rate_table(tmp_path, monkeypatch, 
         table.write_text(f'["{cell.model}"]\nsst2 = {lr}\n')
         ids.append(cell_id(cell))
     assert ids[0] != ids[1] and ids[0] == ids[2]
+
+
+def test_ablation_sweep_report_table(tmp_path, tiny_hf_dir):
+    """The report's ablation table: one row per ablated layer plus the un-ablated
+    reference, whose numbers are those of the un-ablated cell of the same grid."""
+    config = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], methods=["gd"], ablations=["", "attn0", "attn1"])
+    results = tmp_path / "r"
+    assert run_cli(["grid", str(config), "--results", str(results)]).returncode == 0
+    report = write_report(results)
+    table = pd.read_csv(report / "ablation.csv")
+    assert list(table["ablated"]) == ["none", "attn0", "attn1"]
+    (plain,) = [json.loads(f.read_text()) for f in results.glob("cells/*/results.json") if "ablate" not in f.parent.name]
+    none = table.iloc[0]
+    assert none["acc_icl"] == pytest.approx(plain["accuracy"]["icl"], abs=1e-3)
+    assert none["SimAOU GD"] == pytest.approx(plain["metrics"]["gd"]["SimAOU"]["mean"], abs=1e-3)
+    assert (table.iloc[1:]["acc_icl"] != none["acc_icl"]).any() or (table.iloc[1:]["SimAOU GD"] != none["SimAOU GD"]).any()
+    assert "## Ablation sweep" in (report / "report.md").read_text() and (report / "fig_ablation.png").exists()
