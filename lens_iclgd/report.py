@@ -100,6 +100,17 @@ def _expected_cells(results_dir: Path) -> set[str]:
     return ids
 
 
+def _paper_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows at the default (per-task) learning rate and without ablation: what the
+    tables, figures 2-4 and the findings are about."""
+    return rows[rows["lr_default"] & (rows["ablate"] == "")]
+
+
+def _sweep_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the learning-rate sweep: an explicit learning rate, no ablation."""
+    return rows[~rows["lr_default"] & (rows["ablate"] == "")]
+
+
 # --- tables ----------------------------------------------------------------------------------
 
 
@@ -155,7 +166,7 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 def table1(rows: pd.DataFrame) -> pd.DataFrame:
-    gd = rows[(rows["method"] == "gd") & rows["lr_default"] & (rows["ablate"] == "")]
+    gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
     keys = []
     for metric in ("SimAOU", "SimAOU_norm", "SimAM_delta", "SimAOU_random"):
         for b, name in BASELINE_NAMES.items():
@@ -164,7 +175,7 @@ def table1(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def table2(rows: pd.DataFrame) -> pd.DataFrame:
-    t = rows[(rows["baseline"] == "trained") & rows["lr_default"] & (rows["ablate"] == "")]
+    t = _paper_cells(rows)[lambda r: r["baseline"] == "trained"]
     t = t[t["cell"].isin(set(t[t["method"] == "gd"]["cell"]) & set(t[t["method"] == "lcgd"]["cell"]))]
     if t.empty:
         return pd.DataFrame()
@@ -183,7 +194,7 @@ def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task): the lr with the best mean GD accuracy on held-out training
     examples (ties: the largest such lr, the strongest update that does not hurt).
     Similarity metrics play no part."""
-    sweep = rows[(rows["method"] == "gd") & ~rows["lr_default"] & rows["heldout_acc"].notna() & (rows["ablate"] == "")]
+    sweep = _sweep_cells(rows)[lambda r: (r["method"] == "gd") & r["heldout_acc"].notna()]
     if sweep.empty:
         return pd.DataFrame()
     out = []
@@ -221,7 +232,7 @@ def _save(fig, path: Path, caption: str) -> str:
 
 
 def fig_alpha(rows: pd.DataFrame, path: Path) -> str | None:
-    t = rows[(rows["method"] == "gd") & (rows["baseline"] == "trained") & rows["lr_default"] & (rows["ablate"] == "")].dropna(subset=["alpha"])
+    t = _paper_cells(rows)[lambda r: (r["method"] == "gd") & (r["baseline"] == "trained")].dropna(subset=["alpha"])
     if t.empty:
         return None
     plt = _plt()
@@ -293,7 +304,7 @@ def fig_grad_norms(coll: Collected, path: Path) -> str | None:
 
 
 def fig_lr(rows: pd.DataFrame, path: Path) -> str | None:
-    sweep = rows[~rows["lr_default"] & (rows["ablate"] == "") & rows["method"].isin(["gd", "lcgd"])]
+    sweep = _sweep_cells(rows)[lambda r: r["method"].isin(["gd", "lcgd"])]
     if sweep.empty or sweep["lr"].nunique() < 2:
         return None
     plt = _plt()
@@ -325,8 +336,6 @@ def _ablation_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     same = ["task", "baseline", "seed", "n_test", "lr_default"]
     base = rows[(rows["ablate"] == "") & rows["method"].isin(["gd", "lcgd"])]
     base = base.merge(ab[same].drop_duplicates(), on=same)
-    if not ab.empty and ab["lr_default"].all():
-        base = base[base["lr_default"]]
     return ab, base
 
 
@@ -378,7 +387,7 @@ def findings(coll: Collected) -> list[str]:
     rows, out = coll.rows, []
     if rows.empty:
         return ["No finished cells yet."]
-    gd = rows[(rows["method"] == "gd") & rows["lr_default"] & (rows["ablate"] == "")]
+    gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
     by_base = gd.groupby("baseline")["SimAOU"].mean()
     if "trained" in by_base and len(by_base) > 1:
         others = {b: v for b, v in by_base.items() if b != "trained"}
@@ -396,7 +405,7 @@ def findings(coll: Collected) -> list[str]:
                    f"{ft['SimAOU'].mean():.3f}; higher in {100 * (diff > 0).mean():.0f}% of {len(ft)} cell-methods -> "
                    + ("**agrees**." if diff.mean() > 0 and (diff > 0).mean() > 0.5 else "**does not agree**."))
     t2 = table2(rows)
-    cells2 = rows[(rows["baseline"] == "trained") & rows["lr_default"] & (rows["ablate"] == "")]
+    cells2 = _paper_cells(rows)[lambda r: r["baseline"] == "trained"]
     if not t2.empty:
         per_task = cells2.pivot_table(index="task", columns="method", values="SimAM_delta", aggfunc="mean").dropna()
         wins = int((per_task["lcgd"] > per_task["gd"]).sum()) if {"gd", "lcgd"} <= set(per_task.columns) else 0
