@@ -6,11 +6,29 @@ keys are the same in every setting of an example and are left out of the cosine)
 
 - SimAOU        cos(h_ICL - h_ZS, h_FT - h_ZS)
 - SimAOU_norm   the same with each h L2-normalised first (Dai et al.; biased upwards)
-- SimAOU_random cos(h_ICL - h_ZS, r - h_ZS), r a random vector with h_FT's length
 - SimAM         cos(m_ICL, m_FT) per head
+- ZS SimAM      cos(m_ICL, m_ZS) per head: Dai et al.'s baseline for SimAM (no finetuning)
 - SimAM_delta   cos(m_ICL - m_ZS, m_FT - m_ZS) per head
 - alpha         cos(m_LCGD - m_ZS, m_GD - m_ZS) per head
 - Rec2FTP       of the examples ZS gets wrong and FT right, the share ICL also gets right
+
+Three random baselines for SimAOU, each with a random vector in place of the FT side:
+- SimAOU_random          cos(h_ICL - h_ZS, r), r uniform in [0,1)^d used as the update
+                         itself. This is what both papers' code computes and what their
+                         tables report (Dai et al.'s compute_sim.py, Deutch et al.'s
+                         scripts/metrics.py: `np.random.random(ftzs_updates.shape)`).
+                         r is not centred: its mean 0.5 makes the score mostly
+                         cos(h_ICL - h_ZS, (1, ..., 1)). (Dai et al.'s script L2-normalises
+                         every h first, so there it is computed on SimAOU_norm's updates.)
+- SimAOU_random_text     cos(h_ICL - h_ZS, h_rand - h_ZS), h_rand uniform in [0,1)^d (the
+                         same draw as r): the baseline as Deutch et al.'s text describes it.
+- SimAOU_random_matched  cos(h_ICL - h_ZS, g - h_ZS), g a Gaussian direction scaled to
+                         |h_FT| (this package's SimAOU_random before; not the papers'). As
+                         |h_FT| is close to |h_ZS| and g is almost orthogonal to both, it
+                         scores about cos(h_ICL - h_ZS, -h_ZS) / sqrt(2), not chance.
+All three are seeded by the run's seed alone, one vector per example and layer; r and
+the Gaussian direction do not depend on the finetuning method, so GD and LCGD are
+compared against the same random vectors.
 
 Per-example values are averaged over examples (and heads), then reported per layer and
 as the mean over layers. A cosine with a zero vector is undefined (NaN) and left out.
@@ -49,18 +67,40 @@ def simaou_norm(h_icl: Vectors, h_zs: Vectors, h_ft: Vectors) -> Float[Tensor, "
     return cosine(_unit(h_icl) - _unit(h_zs), _unit(h_ft) - _unit(h_zs))
 
 
+def uniform_vectors(shape: torch.Size | tuple[int, ...], seed: int) -> Vectors:
+    """Uniform [0,1) vectors (the papers' `np.random.random`), one per example and layer;
+    they depend only on the shape and the seed."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def random_update(h_ft: Vectors, seed: int) -> Vectors:
-    """Random directions with h_FT's lengths: the FT stand-in for SimAOU_random."""
+    """Gaussian directions with h_FT's lengths: the stand-in of SimAOU_random_matched."""
     g = torch.randn(h_ft.shape, generator=torch.Generator().manual_seed(seed))
     return _unit(g) * h_ft.norm(dim=-1, keepdim=True)
 
 
 def simaou_random(h_icl: Vectors, h_zs: Vectors, r: Vectors) -> Float[Tensor, "example layer"]:
-    return cosine(h_icl - h_zs, r - h_zs)
+    """The papers' code: r (e.g. `uniform_vectors`) is the random update itself."""
+    return cosine(h_icl - h_zs, r)
+
+
+def simaou_random_text(h_icl: Vectors, h_zs: Vectors, h_rand: Vectors) -> Float[Tensor, "example layer"]:
+    """The paper's text: a random output h_rand (uniform [0,1)) in place of h_FT."""
+    return simaou(h_icl, h_zs, h_rand)
+
+
+def simaou_random_matched(h_icl: Vectors, h_zs: Vectors, r: Vectors) -> Float[Tensor, "example layer"]:
+    """A random output r with h_FT's length (`random_update`) in place of h_FT."""
+    return simaou(h_icl, h_zs, r)
 
 
 def simam(m_icl: Scores, m_ft: Scores) -> Float[Tensor, "example layer head"]:
     return cosine(m_icl, m_ft)
+
+
+def zs_simam(m_icl: Scores, m_zs: Scores) -> Float[Tensor, "example layer head"]:
+    """Dai et al.'s baseline for SimAM: how similar ICL's scores are to ZS's own."""
+    return cosine(m_icl, m_zs)
 
 
 def simam_delta(m_icl: Scores, m_zs: Scores, m_ft: Scores) -> Float[Tensor, "example layer head"]:

@@ -6,7 +6,7 @@ and writes to the report directory:
 
 - table1.md/.csv: SimAOU (and SimAOU_norm, SimAM_delta) of vanilla GD for the trained,
   untrained and embeddings-retained models; rows settings, columns tasks + mean;
-- table2.md/.csv: GD vs LCGD (SimAOU, SimAM, SimAM_delta, alpha, accuracies);
+- table2.md/.csv: GD vs LCGD (SimAOU, SimAM beside ZS SimAM, SimAM_delta, alpha, accuracies);
 - fig2_alpha.png, fig3_per_layer.png, fig4_grad_norms.png, fig_lr.png (learning-rate
   curves), fig_ablation.png (per-layer ablation sweep), each with a caption;
 - chosen_learning_rates.toml: per-task learning rates from the lr_sweep cells, chosen by
@@ -32,13 +32,14 @@ import pandas as pd
 from .errors import UserError
 from .store import atomic_write_bytes, atomic_write_text
 
-METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta", "Rec2FTP")
+METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
+           "SimAM_delta", "Rec2FTP")
 BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings": "Trained Embeddings"}
 TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
 
 COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "ablate", "k", "n_test",
-           "acc_zs", "acc_icl", "alpha", "method", "acc_ft", "heldout_acc", *METRICS]
+           "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS]
 
 
 @dataclass
@@ -75,13 +76,16 @@ def collect(results_dir: str | Path) -> Collected:
             "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
             "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
             "alpha": (r.get("alpha") or {}).get("mean"),
+            "zs_simam": (r.get("zs_simam") or {}).get("mean"),  # absent in older results
         }
         if not r["metrics"]:
             rows.append({**base, "method": "icl"})
         for method, m in r["metrics"].items():
             row = {**base, "method": method, "acc_ft": r["accuracy"][method],
                    "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
-            row.update({name: m[name]["mean"] for name in METRICS})
+            row.update({name: (m.get(name) or {}).get("mean") for name in METRICS})  # older results lack some
+            if "SimAOU_random_matched" not in m:  # older results: their SimAOU_random was the matched variant
+                row["SimAOU_random_matched"], row["SimAOU_random"] = row["SimAOU_random"], None
             rows.append(row)
     failed_files = [f for f in sorted(results_dir.glob("cells/*/failed.json"))
                     if not (f.parent / "results.json").exists() and (not expected or f.parent.name in expected)]
@@ -180,10 +184,12 @@ def table2(rows: pd.DataFrame) -> pd.DataFrame:
     if t.empty:
         return pd.DataFrame()
     keys = []
+    gd_rows = t[t["method"] == "gd"]
     for metric in ("SimAOU", "SimAM", "SimAM_delta", "Rec2FTP"):
         for m in ("gd", "lcgd"):
             keys.append((f"{metric} — {m.upper()}", t[t["method"] == m], metric))
-    gd_rows = t[t["method"] == "gd"]
+        if metric == "SimAM":  # Dai et al.'s baseline for SimAM; one value per cell
+            keys.append(("ZS SimAM (ICL vs ZS)", gd_rows, "zs_simam"))
     keys.append(("alpha (LCGD vs GD)", gd_rows, "alpha"))
     keys += [("accuracy — ZS", gd_rows, "acc_zs"), ("accuracy — ICL", gd_rows, "acc_icl"),
              ("accuracy — GD", gd_rows, "acc_ft"), ("accuracy — LCGD", t[t["method"] == "lcgd"], "acc_ft")]

@@ -265,11 +265,15 @@ def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str,
 
 
 def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str, Any]:
-    """Every ICL-vs-finetuning metric of one method, per example/layer(/head)."""
+    """Every ICL-vs-finetuning metric of one method, per example/layer(/head). The random
+    vectors depend on the seed only, never on the method."""
+    uniform = M.uniform_vectors(zs.attn_out.shape, seed)
     return {
         "SimAOU": M.simaou(icl.attn_out, zs.attn_out, ft.attn_out),
         "SimAOU_norm": M.simaou_norm(icl.attn_out, zs.attn_out, ft.attn_out),
-        "SimAOU_random": M.simaou_random(icl.attn_out, zs.attn_out, M.random_update(ft.attn_out, seed)),
+        "SimAOU_random": M.simaou_random(icl.attn_out, zs.attn_out, uniform),
+        "SimAOU_random_text": M.simaou_random_text(icl.attn_out, zs.attn_out, uniform),
+        "SimAOU_random_matched": M.simaou_random_matched(icl.attn_out, zs.attn_out, M.random_update(ft.attn_out, seed)),
         "SimAM": M.simam(icl.attn_scores, ft.attn_scores),
         "SimAM_delta": M.simam_delta(icl.attn_scores, zs.attn_scores, ft.attn_scores),
     }
@@ -348,6 +352,7 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str
     }
     if "icl" in stages:
         icl = stages["icl"]["recording"]
+        results["zs_simam"] = M.summarize(M.zs_simam(icl.attn_scores, zs.attn_scores))
         for m in c.ft_methods:
             ft = stages[m]["recording"]
             per = compare(zs, icl, ft, c.seed)
@@ -442,12 +447,16 @@ def summary_table(results: dict) -> str:
         f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {'-' if c['lr'] is None else format(c['lr'], 'g')} | position {c['recorded_position']}",
         "accuracy: " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in results["accuracy"].items()),
     ]
-    names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta", "Rec2FTP"]
+    names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
+             "SimAM_delta", "Rec2FTP"]
     if results["metrics"]:
         lines.append(f"{'metric (mean over layers)':<28}" + "".join(f"{m.upper():>10}" for m in results["metrics"]))
         for name in names:
             vals = [results["metrics"][m][name]["mean"] for m in results["metrics"]]
             lines.append(f"{name:<28}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in vals))
+    if "zs_simam" in results:
+        z = results["zs_simam"]["mean"]
+        lines.append(f"{'ZS SimAM (ICL vs ZS)':<28}{'n/a' if z is None else f'{z:.3f}':>10}")
     if "alpha" in results:
         a = results["alpha"]["mean"]
         lines.append(f"{'alpha (GD vs LCGD SimAM_delta)':<28}{'n/a' if a is None else f'{a:.3f}':>10}")

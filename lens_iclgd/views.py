@@ -1,7 +1,8 @@
 """Per-head and per-layer views of one finished run.
 
 From a run's results.json (`lens-iclgd run` output, or one grid cell):
-- per-head SimAM and SimAM_delta heatmaps (layer x head), one panel per method;
+- per-head SimAM and SimAM_delta heatmaps (layer x head), one panel per method, and
+  ZS SimAM (ICL vs ZS, Dai et al.'s baseline for SimAM) beside them;
 - per-layer SimAOU bars (with SimAOU_random for reference), GD and LCGD side by side;
 as PNG files, and as tidy pandas DataFrames for notebooks.
 """
@@ -35,6 +36,9 @@ def per_head_frame(results: dict) -> pd.DataFrame:
     if "alpha" in results:
         for layer, heads in enumerate(results["alpha"].get("per_head") or []):
             rows += [{"method": "gd-vs-lcgd", "metric": "alpha", "layer": layer, "head": h, "value": v} for h, v in enumerate(heads)]
+    if "zs_simam" in results:
+        for layer, heads in enumerate(results["zs_simam"].get("per_head") or []):
+            rows += [{"method": "icl-vs-zs", "metric": "ZS SimAM", "layer": layer, "head": h, "value": v} for h, v in enumerate(heads)]
     return pd.DataFrame(rows)
 
 
@@ -45,6 +49,8 @@ def per_layer_frame(results: dict) -> pd.DataFrame:
         for name, m in metrics.items():
             for layer, v in enumerate(m.get("per_layer") or []):
                 rows.append({"method": method, "metric": name, "layer": layer, "value": v})
+    for layer, v in enumerate((results.get("zs_simam") or {}).get("per_layer") or []):
+        rows.append({"method": "icl-vs-zs", "metric": "ZS SimAM", "layer": layer, "value": v})
     return pd.DataFrame(rows)
 
 
@@ -64,17 +70,24 @@ def write_views(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     methods = list(results["metrics"])
     written = []
 
-    fig, axes = plt.subplots(2, len(methods), figsize=(4.5 * len(methods), 7), squeeze=False)
-    for col, method in enumerate(methods):
-        for row, metric in enumerate(("SimAM", "SimAM_delta")):
-            sub = heads[(heads["method"] == method) & (heads["metric"] == metric)]
-            grid = sub.pivot(index="layer", columns="head", values="value").to_numpy(dtype=float)
-            ax = axes[row, col]
-            im = ax.imshow(grid, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
-            fig.colorbar(im, ax=ax, label="cosine")
-            ax.set_title(f"{metric}, ICL vs {method.upper()}")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
+    # one column per method (SimAM over SimAM_delta), then ZS SimAM where recorded
+    panels = [(row, col, method, metric) for col, method in enumerate(methods)
+              for row, metric in enumerate(("SimAM", "SimAM_delta"))]
+    if "zs_simam" in results:
+        panels.append((0, len(methods), "icl-vs-zs", "ZS SimAM"))
+    n_cols = len(methods) + ("zs_simam" in results)
+    fig, axes = plt.subplots(2, n_cols, figsize=(4.5 * n_cols, 7), squeeze=False)
+    for ax in axes[1, len(methods):]:
+        ax.axis("off")
+    for row, col, method, metric in panels:
+        sub = heads[(heads["method"] == method) & (heads["metric"] == metric)]
+        grid = sub.pivot(index="layer", columns="head", values="value").to_numpy(dtype=float)
+        ax = axes[row, col]
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
+        fig.colorbar(im, ax=ax, label="cosine")
+        ax.set_title(f"{metric}, ICL vs {method.upper()}" if metric != "ZS SimAM" else "ZS SimAM, ICL vs ZS")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
     fig.suptitle(f"Per-head attention-score similarity: {label}")
     _save(fig, out / "per_head_simam.png", "Cosine of each head's pre-softmax score row at the recorded position, "
                                            "mean over test examples.")

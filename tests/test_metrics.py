@@ -31,16 +31,48 @@ def test_simaou_norm_is_one_quarter_for_orthogonal_random_updates():
     assert abs(M.simaou(icl, z, ft).item()) < 1e-7
 
 
-def test_simaou_random_and_random_update():
-    zs, icl = vec(1.0, 0.0), vec(1.0, 1.0)
-    r = vec(0.0, 3.0)
-    # update of the stand-in: (-1, 3); ICL update (0, 1): cos = 3/sqrt(10)
-    assert math.isclose(M.simaou_random(icl, zs, r).item(), 3 / math.sqrt(10), rel_tol=1e-6)
+def test_random_baselines_hand_computed():
+    zs, icl = vec(1.0, 0.0), vec(1.0, 1.0)  # ICL update (0, 1)
+    r = vec(2.0, 1.0)
+    # papers' code: r is the update itself: cos((0,1), (2,1)) = 1/sqrt(5)
+    assert math.isclose(M.simaou_random(icl, zs, r).item(), 1 / math.sqrt(5), rel_tol=1e-6)
+    # paper's text: r is a random output, its update r - h_ZS = (1, 1): cos = 1/sqrt(2)
+    assert math.isclose(M.simaou_random_text(icl, zs, r).item(), 1 / math.sqrt(2), rel_tol=1e-6)
+    # matched: the same formula with a random output of h_FT's length; (0,3) - (1,0) = (-1, 3)
+    assert math.isclose(M.simaou_random_matched(icl, zs, vec(0.0, 3.0)).item(), 3 / math.sqrt(10), rel_tol=1e-6)
+
+
+def test_uniform_vectors_are_seeded_and_in_unit_interval():
+    u = M.uniform_vectors((50, 4, 16), seed=3)
+    assert u.shape == (50, 4, 16) and (u >= 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.02
+    assert torch.equal(u, M.uniform_vectors((50, 4, 16), seed=3))
+    assert not torch.equal(u, M.uniform_vectors((50, 4, 16), seed=4))
+
+
+def test_matched_random_update_has_h_ft_lengths():
     h_ft = torch.randn(5, 4, 16)
     rand = M.random_update(h_ft, seed=0)
     assert torch.allclose(rand.norm(dim=-1), h_ft.norm(dim=-1), rtol=1e-5)
     assert torch.equal(rand, M.random_update(h_ft, seed=0))
     assert not torch.equal(rand, M.random_update(h_ft, seed=1))
+
+
+def test_papers_random_baseline_is_chance_where_the_others_carry_minus_h_zs():
+    """ICL updates that shrink a large h_ZS (u = -h_ZS/2 + noise), h_ZS symmetric around 0:
+    against a random update, chance is 0. The papers' SimAOU_random is near 0; the text
+    and matched variants subtract h_ZS from the random vector and score far above 0."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 2000, 64
+    zs = 5 * torch.randn(n, 1, d, generator=g)
+    icl = zs - zs / 2 + torch.randn(n, 1, d, generator=g)
+    ft = zs + torch.randn(n, 1, d, generator=g)  # only its length matters here
+    r = M.uniform_vectors(zs.shape, seed=1)
+    papers = M.simaou_random(icl, zs, r).mean().item()
+    text = M.simaou_random_text(icl, zs, r).mean().item()
+    matched = M.simaou_random_matched(icl, zs, M.random_update(ft, seed=1)).mean().item()
+    assert abs(papers) < 0.02
+    assert text > 0.5 and matched > 0.5
 
 
 def test_simam_per_head_ignores_absent_keys():

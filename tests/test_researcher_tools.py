@@ -137,7 +137,8 @@ def test_public_api_and_metric_frames(gqa_model, sst2_rows):
         ft = li.record(gqa_model.model, p.zs_prefix(), p.queries, p.options)
     per = li.compare(zs, icl, ft, seed=0)
     df = li.metrics.frame(per)
-    assert set(df["metric"]) == {"SimAOU", "SimAOU_norm", "SimAOU_random", "SimAM", "SimAM_delta"}
+    assert set(df["metric"]) == {"SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched",
+                                 "SimAM", "SimAM_delta"}
     simam = df[df["metric"] == "SimAM"]
     assert len(simam) == 4 * 3 * 4 and simam["head"].notna().all()
     by_layer = df[df["metric"] == "SimAOU"].groupby("layer")["value"].mean()
