@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TrainingDiverged, UserError
-from .models import LoadedModel, load_model, make_baseline
+from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
 from .recording import DEFAULT_POSITION
 from .runner import RunConfig, default_lr, run
 from .store import atomic_write_json, check_writable, config_key, remove_stale_temp_files
@@ -42,7 +42,7 @@ log = logging.getLogger("lens_iclgd")
 class GridConfig:
     name: str
     tasks: list[str]
-    models: list[str] = dataclasses.field(default_factory=lambda: ["gemma-3-270m"])
+    models: list[str] = dataclasses.field(default_factory=lambda: [DEFAULT_MODEL])
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["trained"])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = dataclasses.field(default_factory=lambda: ["gd", "lcgd"])
