@@ -240,10 +240,14 @@ def _cached(spec: OfflineModel) -> str:
     return " + ".join(s for s in (gguf, converted) if s) or "no"
 
 
-def _count(value: int | None, millions: bool = False) -> str:
-    if value is None:
+def _count(value: int | None, style: str = "{:,}") -> str:
+    return "?" if value is None else style.format(value)
+
+
+def _params(n: int | None) -> str:
+    if n is None:
         return "?"
-    return f"{value / 1e6:.1f}M" if millions else f"{value:,}"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def catalogue(extra_files: list[str] = (), gain_table: Path = GAIN_TABLE) -> str:
@@ -255,7 +259,7 @@ def catalogue(extra_files: list[str] = (), gain_table: Path = GAIN_TABLE) -> str
     for s in specs:
         source = "local file" if s.file is not None else f"PyPI wheels ({len(s.wheels)})"
         rows.append((s.name + (" (default)" if s.name == DEFAULT_MODEL and s.file is None else ""),
-                     _count(s.n_params, millions=True), _count(s.n_layers), _count(s.d_model), _count(s.d_vocab),
+                     _params(s.n_params), _count(s.n_layers, "{}"), _count(s.d_model, "{}"), _count(s.d_vocab),
                      source, _cached(s), gains.get(s.name, "not measured"), s.license))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]) for r in rows]
