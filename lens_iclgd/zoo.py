@@ -20,12 +20,12 @@ import csv
 import logging
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .store import read_toml
 
 log = logging.getLogger("lens_iclgd")
 
@@ -97,15 +97,7 @@ def converted_dir(spec: OfflineModel) -> Path:
 
 def load_model_file(path: str | Path) -> OfflineModel:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist: check the path")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"model file {path} is not valid TOML ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read model file {path} ({e})") from None
-    return model_from_dict(raw, path)
+    return model_from_dict(read_toml(path, "model file", "check the path"), path)
 
 
 def model_from_dict(raw: dict[str, Any], path: Path) -> OfflineModel:
