@@ -3,6 +3,7 @@
 A TransformerLens toolkit reproducing Deutch et al., "In-context Learning and Gradient
 Descent Revisited" (arXiv 2311.07772). Data flow, one module each:
 
+    zoo       offline models as TOML files: GGUF source, size/sha256, declared shape, cache paths
     models    load a HookedTransformer (offline GGUF, hub, local) and its baselines
     tasks     task definitions (TOML) and their rows
     prompts   demonstrations, test prompts and answer options as tokens
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 _API = {
     "UserError": "errors", "TrainingDiverged": "errors",
     "load_model": "models", "make_baseline": "models", "LoadedModel": "models", "kv_parameters": "models",
-    "OFFLINE_MODELS": "models", "BASELINES": "models",
+    "OFFLINE_MODELS": "models", "BASELINES": "models", "load_model_file": "zoo",
     "Task": "tasks", "load_task": "tasks", "load_split": "tasks", "PAPER_TASKS": "tasks",
     "PromptSet": "prompts", "build_prompts": "prompts",
     "Recording": "recording", "record": "recording", "record_reference": "recording",

@@ -28,7 +28,7 @@ import torch
 from transformer_lens import HookedTransformerConfig
 
 from .finetune import finetuned
-from .models import kv_parameters
+from .models import DEFAULT_MODEL, kv_parameters
 from .prompts import PromptSet
 from .recording import Recording, record, record_reference
 from .runner import RunConfig, prepare
@@ -199,7 +199,7 @@ def _max_diff(a: Recording, b: Recording) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@
     lens-iclgd report  tables, figures and findings from a results directory
     lens-iclgd views   per-head SimAM heatmaps and per-layer SimAOU bars of a run
     lens-iclgd bench   optimised vs naive pipeline on one cell, with FLOP/s and memory
+    lens-iclgd models  the model zoo: shape, source, licence, cache state, measured ICL gain
 
 Errors a user can fix print as one line on stderr (exit code 2 for usage, 1 otherwise);
 `--debug` shows the traceback instead.
@@ -53,7 +54,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     from .tasks import DEFAULT_TASK
 
     p.add_argument("--task", default=DEFAULT_TASK, help=f"built-in task name or path to a task .toml (default {DEFAULT_TASK}, offline)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="gemma-3-270m | smollm2-135m | TransformerLens name | local HF dir")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model (see lens-iclgd models) | model .toml | TransformerLens name | local HF dir")
     p.add_argument("--baseline", default="trained", help="trained | untrained | embeddings")
     p.add_argument("--methods", type=_methods, default=("icl", "gd", "lcgd"), help="comma list of icl, gd, lcgd (ZS always runs)")
     p.add_argument("--k", type=_int, default=32, help="demonstrations (paper: 32; fewer if the context is too short)")
@@ -120,6 +121,12 @@ def cmd_report(args) -> None:
     print(f"report: {out / 'report.md'}")
 
 
+def cmd_models(args) -> None:
+    from .zoo import catalogue
+
+    print(catalogue(args.files, Path(args.gain_table)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lens-iclgd", description="ICL vs GD vs layer-causal GD inside HookedTransformers (Deutch et al. 2023).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -150,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report directory (default RESULTS_DIR/report)")
     p.add_argument("--command-line", default=None, help="the command that produced the results, quoted in the report")
     p.set_defaults(func=cmd_report)
+
+    from .zoo import GAIN_TABLE
+
+    p = sub.add_parser("models", help="the model zoo: shape, source, licence, cache state, measured ICL gain")
+    p.add_argument("files", nargs="*", help="extra model .toml files to list (a researcher's own models)")
+    p.add_argument("--gain-table", default=str(GAIN_TABLE), help="icl_gain.csv to read the ICL gain from")
+    p.set_defaults(func=cmd_models)
 
     from . import bench
 

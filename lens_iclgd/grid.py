@@ -23,16 +23,15 @@ import dataclasses
 import logging
 import re
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import TrainingDiverged, UserError
-from .models import LoadedModel, load_model, make_baseline
+from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
 from .recording import DEFAULT_POSITION
 from .runner import RunConfig, default_lr, run
-from .store import atomic_write_json, check_writable, config_key, remove_stale_temp_files
+from .store import atomic_write_json, check_writable, config_key, read_toml, remove_stale_temp_files
 from .tasks import load_split, load_task
 
 log = logging.getLogger("lens_iclgd")
@@ -42,7 +41,7 @@ log = logging.getLogger("lens_iclgd")
 class GridConfig:
     name: str
     tasks: list[str]
-    models: list[str] = dataclasses.field(default_factory=lambda: ["gemma-3-270m"])
+    models: list[str] = dataclasses.field(default_factory=lambda: [DEFAULT_MODEL])
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["trained"])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = dataclasses.field(default_factory=lambda: ["gd", "lcgd"])
@@ -65,14 +64,7 @@ _SCALARS = {"name": str, "ablate_mode": str, "k": int, "n_test": int, "n_heldout
 
 def load_grid(path: str | Path) -> GridConfig:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"grid config {path} does not exist: pass a file like experiments/table2.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"grid config {path} is not valid TOML ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read grid config {path} ({e})") from None
+    raw = read_toml(path, "grid config", "pass a file like experiments/table2.toml")
     unknown = set(raw) - set(_LISTS) - set(_SCALARS)
     if unknown:
         raise UserError(f"grid config {path}: unknown key(s) {', '.join(sorted(unknown))}")

