@@ -275,7 +275,7 @@ def record_reference(
             for row in _rows([q], options):
                 tokens = torch.tensor([prefix + row.tokens], device=model_device(model))
                 logits, cache = model.run_with_cache(tokens, attention_mask=torch.ones_like(tokens))
-                logp = logits[0].log_softmax(-1)
+                logp = logits[0].log_softmax(-1).cpu()  # the recording is on the CPU
                 for j, p, tok in _scored_tokens(row, q, options):
                     rec.option_logprobs[qi, j] += logp[n_prefix + p, tok] / len(options[j])
                 if row.option == 0:
