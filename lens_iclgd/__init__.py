@@ -36,7 +36,8 @@ __version__ = "0.1.0"
 _API = {
     "UserError": "errors", "TrainingDiverged": "errors",
     "load_model": "models", "make_baseline": "models", "LoadedModel": "models", "kv_parameters": "models",
-    "OFFLINE_MODELS": "models", "BASELINES": "models", "load_model_file": "zoo",
+    "OFFLINE_MODELS": "models", "BASELINES": "models", "load_model_file": "zoo", "resolve_device": "device",
+    "PrecisionPolicy": "precision", "PRESETS": "precision", "computing": "precision",
     "Task": "tasks", "load_task": "tasks", "load_split": "tasks", "PAPER_TASKS": "tasks",
     "PromptSet": "prompts", "build_prompts": "prompts",
     "Recording": "recording", "record": "recording", "record_reference": "recording",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from .device import model_device
 from .errors import UserError
 
 MODES = ("zero", "mean")
@@ -98,11 +99,12 @@ def reference_means(model: HookedTransformer, ablations: list[Ablation], sequenc
     for start in range(0, len(sequences), 16):
         batch = sequences[start : start + 16]
         width = max(len(s) for s in batch)
-        tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")  # moved once, below
+        mask = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")
         for b, s in enumerate(batch):
-            tokens[b, : len(s)] = torch.tensor(s)
+            tokens[b, : len(s)] = torch.tensor(s, device="cpu")
             mask[b, : len(s)] = 1
+        tokens, mask = tokens.to(model_device(model)), mask.to(model_device(model))
         weight = mask.clone()
         weight[:, :skip_first] = 0
         count += int(weight.sum())

@@ -14,6 +14,14 @@ largest difference between the two pipelines' outputs. The last line is `speedup
 
 FLOPs are counted analytically from the model shape (matmuls and attention products of
 the tokens each pipeline really feeds, causal pairs only; padding is not counted).
+
+Precision (precision.py): `--precision-study` also runs the optimised pipeline under each
+candidate policy and prints, per phase, time, speedup over float32 and GFLOP/s against
+the float32 and bfloat16 matmul peaks, then each policy's metric differences from float32
+(precision_study.py) and the policy the fidelity rule picks. The line before the last,
+`precision: ...`, is for the precision the bench was asked for (default: the default).
+`--no-naive` skips the naive pipeline (minutes on a real model); its last line is then
+`speedup: not measured`.
 """
 
 from __future__ import annotations
@@ -28,22 +36,30 @@ import torch
 from transformer_lens import HookedTransformerConfig
 
 from .finetune import finetuned
-from .models import DEFAULT_MODEL, kv_parameters
+from .models import kv_parameters
+from .precision import CANDIDATES, FLOAT32, PrecisionPolicy, add_compute_args, policy
+from .precision_study import choose, fidelity, fidelity_table
 from .prompts import PromptSet
 from .recording import Recording, record, record_reference
 from .runner import RunConfig, prepare
 
+BENCH_MODEL = "gemma-3-270m"  # the benchmark cell (README, Performance), whatever the default model
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    """Best sustained float32 matmul GFLOP/s on this machine with the current threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+def matmul_peak(seconds: float = 3.0, n: int = 2048, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> float:
+    """Best sustained matmul GFLOP/s in `dtype` on this machine with the current threads."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         for _ in range(4):
             a @ b
+        sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -131,14 +147,19 @@ class PipelineResult:
         return sum(ph.seconds for ph in self.phases)
 
 
-def run_pipeline(lm, p: PromptSet, lr: float, naive: bool, batch_size: int) -> PipelineResult:
+def run_pipeline(lm, p: PromptSet, lr: float, naive: bool, batch_size: int,
+                 pol: PrecisionPolicy = PrecisionPolicy(), reuse: dict | None = None) -> PipelineResult:
+    """One pipeline over the cell. `pol`: the precision of each phase (optimised only).
+    `reuse`: phases already computed in the same modes by an earlier call (the precision
+    study shares them between policies instead of timing them again)."""
     model, cfg = lm.model, lm.model.cfg
     out = PipelineResult()
+    reuse = {} if reuse is None else reuse
 
-    def rec(prefix):
+    def rec(prefix, mode: str):
         if naive:
             return record_reference(model, prefix, p.queries, p.options)
-        return record(model, prefix, p.queries, p.options, batch_size=batch_size)
+        return record(model, prefix, p.queries, p.options, batch_size=batch_size, precision=mode)
 
     def timed(name: str, fn, work: tuple[float, int]):
         t = time.perf_counter()
@@ -147,18 +168,41 @@ def run_pipeline(lm, p: PromptSet, lr: float, naive: bool, batch_size: int) -> P
         return value
 
     reset_peak_rss()
-    out.recordings["zs"] = timed("ZS", lambda: rec(p.zs_prefix()), recording_work(cfg, p, p.zs_prefix(), naive))
-    out.recordings["icl"] = timed("ICL", lambda: rec(p.icl_prefix()), recording_work(cfg, p, p.icl_prefix(), naive))
+    for setting, prefix, mode in (("zs", p.zs_prefix(), pol.zs), ("icl", p.icl_prefix(), pol.icl)):
+        key = (naive, setting, mode)
+        if key not in reuse:
+            t = time.perf_counter()
+            value = rec(prefix, mode)
+            reuse[key] = ([Phase(setting.upper(), time.perf_counter() - t, *recording_work(cfg, p, prefix, naive))], value, None)
+        phases, out.recordings[setting], _ = reuse[key]
+        out.phases += phases
     for method in ("gd", "lcgd"):
+        key = (naive, method, pol.train, pol.eval)
+        if key in reuse:
+            phases, out.recordings[method], out.weights[method] = reuse[key]
+            out.phases += phases
+            continue
         n_tokens = [len(p.bos) + len(d) for d in p.demos]
         work = (sum(train_flops(cfg, n, method) for n in n_tokens), sum(n_tokens))
         t = time.perf_counter()
-        with finetuned(model, p.demos, p.bos, method, lr, lm.kv_bias, reference=naive):
+        with finetuned(model, p.demos, p.bos, method, lr, lm.kv_bias, reference=naive, precision=pol.train):
             out.phases.append(Phase(f"{method.upper()} train", time.perf_counter() - t, *work))
             out.weights[method] = [q.detach().clone() for ps in kv_parameters(model, lm.kv_bias).values() for _, q in ps]
-            out.recordings[method] = timed(f"{method.upper()} eval", lambda: rec(p.zs_prefix()), recording_work(cfg, p, p.zs_prefix(), naive))
+            out.recordings[method] = timed(f"{method.upper()} eval", lambda: rec(p.zs_prefix(), pol.eval), recording_work(cfg, p, p.zs_prefix(), naive))
+        reuse[key] = (out.phases[-2:], out.recordings[method], out.weights[method])
     out.peak_mb = peak_rss_mb()
     return out
+
+
+def warm_up(lm, p: PromptSet, lr: float, batch_size: int, pols: list[PrecisionPolicy]) -> None:
+    """Run every mode the study times once on a little work (first-call allocations, the
+    bfloat16 copy of W_U), so the policy timed first is not the one paying for them."""
+    modes = {m for pol in pols for m in pol.as_dict().values()}
+    for mode in sorted(modes):
+        record(lm.model, p.zs_prefix(), p.queries[:2], p.options, batch_size=batch_size, precision=mode)
+        for method in ("gd", "lcgd"):
+            with finetuned(lm.model, p.demos[:1], p.bos, method, lr, lm.kv_bias, precision=mode):
+                pass
 
 
 def profile_phases(lm, p: PromptSet, lr: float, batch_size: int, top: int = 8) -> None:
@@ -199,48 +243,39 @@ def _max_diff(a: Recording, b: Recording) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=BENCH_MODEL, help=f"default {BENCH_MODEL}: the benchmark cell the README's figures are for")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="also profile each optimised phase (top operators)")
+    add_compute_args(parser)
+    parser.add_argument("--precision-study", action="store_true",
+                        help=f"also run every candidate precision policy ({', '.join(CANDIDATES)}) against float32")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive pipeline (for development; no speedup)")
 
 
-def run_bench(args) -> float:
-    cfg_run = RunConfig(task=args.task, model=args.model, k=args.k, n_test=args.n_test, seed=args.seed,
-                        lr=args.lr, data_dir=args.data_dir).validate()
+def _phase_row(a: Phase, peak: float, b: Phase | None = None) -> str:
+    gflops = a.flops / a.seconds / 1e9
+    naive = f"{b.seconds:>10.2f}{b.seconds / a.seconds:>8.1f}x" if b else ""
+    tail = f"{b.flops / b.seconds / 1e9:>15.0f}" if b else ""
+    return f"{a.name:<12}{a.seconds:>12.2f}{naive}{gflops:>13.0f}{100 * gflops / peak:>7.0f}%{tail}{a.tokens / a.seconds:>11.0f}"
 
-    print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
-    peak = matmul_peak()
-    print(f"matmul peak (float32 2048^3, measured now): {peak:.0f} GFLOP/s", flush=True)
-    inp = prepare(cfg_run)  # the same data, model and prompts as `run`
-    lm, p, lr = inp.loaded, inp.prompts, inp.config.lr
-    print(f"cell: {args.model} {args.task} k={p.k} n_test={len(p.queries)} lr={lr:g} "
-          f"(ICL prefix {len(p.icl_prefix())} tokens, mean test prompt {sum(len(q.prompt) for q in p.queries) / len(p.queries):.1f})")
 
-    results = {}
-    for name, naive in (("optimised", False), ("naive", True)):
-        print(f"running the {name} pipeline ...", flush=True)
-        results[name] = run_pipeline(lm, p, lr, naive, args.batch_size)
-    opt, ref = results["optimised"], results["naive"]
-    # Measured again after the runs; the higher value is the peak (a conservative share).
-    again = matmul_peak()
-    print(f"matmul peak measured again after the runs: {again:.0f} GFLOP/s; using {max(peak, again):.0f}")
-    peak = max(peak, again)
-
-    head = f"{'phase':<12}{'optimised s':>12}{'naive s':>10}{'speedup':>9}{'opt GFLOP/s':>13}{'% peak':>8}{'naive GFLOP/s':>15}{'opt tok/s':>11}"
-    print(head)
-    for a, b in zip(opt.phases, ref.phases):
-        print(f"{a.name:<12}{a.seconds:>12.2f}{b.seconds:>10.2f}{b.seconds / a.seconds:>8.1f}x"
-              f"{a.flops / a.seconds / 1e9:>13.0f}{100 * a.flops / a.seconds / 1e9 / peak:>7.0f}%"
-              f"{b.flops / b.seconds / 1e9:>15.0f}{a.tokens / a.seconds:>11.0f}")
-    tokens = sum(ph.tokens for ph in opt.phases)
-    print(f"{'total':<12}{opt.seconds:>12.2f}{ref.seconds:>10.2f}{ref.seconds / opt.seconds:>8.1f}x"
-          f"{sum(ph.flops for ph in opt.phases) / opt.seconds / 1e9:>13.0f}"
-          f"{100 * sum(ph.flops for ph in opt.phases) / opt.seconds / 1e9 / peak:>7.0f}%"
-          f"{sum(ph.flops for ph in ref.phases) / ref.seconds / 1e9:>15.0f}{tokens / opt.seconds:>11.0f}")
+def print_naive_comparison(opt: PipelineResult, ref: PipelineResult | None, peak: float) -> None:
+    """Per phase: times, GFLOP/s, share of the float32 peak, tokens/s; against the naive
+    pipeline when it ran, with the largest differences between the two."""
+    total = lambda r: Phase("total", r.seconds, sum(ph.flops for ph in r.phases), sum(ph.tokens for ph in r.phases))
+    naive_head, naive_tail = (f"{'naive s':>10}{'speedup':>9}", f"{'naive GFLOP/s':>15}") if ref else ("", "")
+    print(f"{'phase':<12}{'optimised s':>12}{naive_head}{'opt GFLOP/s':>13}{'% peak':>8}{naive_tail}{'opt tok/s':>11}")
+    for i, a in enumerate(opt.phases + [total(opt)]):
+        print(_phase_row(a, peak, (ref.phases + [total(ref)])[i] if ref else None))
+    tokens = total(opt).tokens
+    if ref is None:
+        print(f"tokens/s (whole cell): optimised {tokens / opt.seconds:.0f}")
+        print(f"peak memory (VmHWM): optimised {opt.peak_mb:.0f} MB")
+        return
     print(f"tokens/s (whole cell): optimised {tokens / opt.seconds:.0f}, naive {tokens / ref.seconds:.0f}")
     print(f"peak memory (VmHWM): optimised {opt.peak_mb:.0f} MB, naive {ref.peak_mb:.0f} MB")
     diffs = {s: _max_diff(opt.recordings[s], ref.recordings[s]) for s in opt.recordings}
@@ -249,8 +284,79 @@ def run_bench(args) -> float:
           + ", K/V after " + ", ".join(f"{m} {d:.1e}" for m, d in wdiff.items()))
     agree = {s: (opt.recordings[s].predictions == ref.recordings[s].predictions).float().mean().item() for s in diffs}
     print("predictions identical: " + ", ".join(f"{s} {100 * v:.0f}%" for s, v in agree.items()))
+
+
+def print_precision_table(runs: dict[str, PipelineResult], peak32: float, peak16: float) -> None:
+    """Per policy and phase: seconds, speedup over float32, GFLOP/s and its share of the
+    float32 and bfloat16 matmul peaks."""
+    base = {ph.name: ph for ph in runs[FLOAT32].phases}
+    print(f"precision study (phases a policy runs in float32 are shared with the float32 run; "
+          f"matmul peaks: float32 {peak32:.0f}, bfloat16 {peak16:.0f} GFLOP/s)")
+    print(f"{'policy':<18}{'phase':<12}{'seconds':>9}{'speedup':>9}{'GFLOP/s':>9}{'% f32 peak':>12}{'% bf16 peak':>13}")
+    for name, r in runs.items():
+        for ph in r.phases + [Phase("total", r.seconds, sum(x.flops for x in r.phases), 0)]:
+            ref = base.get(ph.name) or Phase("total", runs[FLOAT32].seconds, 0, 0)
+            g = ph.flops / ph.seconds / 1e9
+            print(f"{name:<18}{ph.name:<12}{ph.seconds:>9.2f}{ref.seconds / ph.seconds:>8.2f}x{g:>9.0f}"
+                  f"{100 * g / peak32:>11.0f}%{100 * g / peak16:>12.0f}%")
+
+
+def run_bench(args) -> float:
+    cfg_run = RunConfig(task=args.task, model=args.model, k=args.k, n_test=args.n_test, seed=args.seed,
+                        lr=args.lr, data_dir=args.data_dir, precision=args.precision, device=args.device).validate()
+    names = list(CANDIDATES) if args.precision_study else []
+    if args.precision != FLOAT32 and args.precision not in names:
+        names.append(args.precision)
+
+    print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
+    inp = prepare(cfg_run)  # the same data, model and prompts as `run`
+    lm, p, lr = inp.loaded, inp.prompts, inp.config.lr
+    device = next(lm.model.parameters()).device
+    peak = matmul_peak(device=device)
+    print(f"matmul peak (float32 2048^3, measured now): {peak:.0f} GFLOP/s", flush=True)
+    peak16 = matmul_peak(dtype=torch.bfloat16, device=device) if names else float("nan")
+    if names:
+        print(f"matmul peak (bfloat16 2048^3, measured now): {peak16:.0f} GFLOP/s", flush=True)
+    print(f"cell: {args.model} {args.task} k={p.k} n_test={len(p.queries)} lr={lr:g} "
+          f"(ICL prefix {len(p.icl_prefix())} tokens, mean test prompt {sum(len(q.prompt) for q in p.queries) / len(p.queries):.1f})")
+
+    reuse: dict = {}
+    if names:
+        warm_up(lm, p, lr, args.batch_size, [PrecisionPolicy()] + [policy(n) for n in names])
+    print("running the optimised pipeline ...", flush=True)
+    opt = run_pipeline(lm, p, lr, False, args.batch_size, reuse=reuse)
+    ref = None
+    if not args.no_naive:
+        print("running the naive pipeline ...", flush=True)
+        ref = run_pipeline(lm, p, lr, True, args.batch_size)
+    runs = {FLOAT32: opt}
+    for name in names:
+        print(f"running the optimised pipeline in precision {name} ...", flush=True)
+        runs[name] = run_pipeline(lm, p, lr, False, args.batch_size, policy(name), reuse)
+    # Measured again after the runs; the higher value is the peak (a conservative share).
+    again = matmul_peak(device=device)
+    print(f"matmul peak measured again after the runs: {again:.0f} GFLOP/s; using {max(peak, again):.0f}")
+    peak = max(peak, again)
+    if names:
+        peak16 = max(peak16, matmul_peak(dtype=torch.bfloat16, device=device))
+
+    print_naive_comparison(opt, ref, peak)
+    fids = {name: fidelity(name, opt.recordings, runs[name].recordings, args.seed) for name in names}
+    if names:
+        print_precision_table(runs, peak, peak16)
+        print(fidelity_table(list(fids.values()), opt.recordings))
+        best = choose(list(fids.values()), {n: r.seconds for n, r in runs.items()})
+        advice = (f"set precision.MIXED = {best!r} and DEFAULT_PRECISION = 'mixed'" if best != FLOAT32
+                  else "no candidate is within fidelity: keep DEFAULT_PRECISION = 'float32'")
+        print(f"rule (fastest within fidelity of float32): {best} ({opt.seconds / runs[best].seconds:.2f}x); {advice}")
     if args.profile:
         profile_phases(lm, p, lr, args.batch_size)
+    chosen = runs.get(args.precision, opt)
+    error = fids[args.precision].max_layer_error if args.precision in fids else 0.0
+    print(f"precision: cell speedup {opt.seconds / chosen.seconds:.2f} over float32, max layer error {error:.4f} ({args.precision})")
+    if ref is None:
+        print("speedup: not measured (--no-naive)")
+        return float("nan")
     speedup = ref.seconds / opt.seconds
     print(f"speedup: {speedup:.2f}")
     return speedup

@@ -26,7 +26,7 @@ log = logging.getLogger("lens_iclgd")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        sys.stderr.write(f"lens-iclgd: error: {message} (see lens-iclgd {self.prog.split()[-1]} --help)\n")
+        sys.stderr.write(f"lens-iclgd: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
 
@@ -50,6 +50,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from .models import DEFAULT_MODEL
+    from .precision import add_compute_args
     from .recording import DEFAULT_POSITION, POSITIONS
     from .tasks import DEFAULT_TASK
 
@@ -67,6 +68,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate-mode", default="zero", choices=("zero", "mean"))
     p.add_argument("--n-heldout", type=_int, default=0, help="held-out train examples scored after finetuning")
     p.add_argument("--batch-size", type=_int, default=16)
+    add_compute_args(p)
 
 
 def _config_from_args(args) -> "RunConfig":
@@ -76,6 +78,7 @@ def _config_from_args(args) -> "RunConfig":
         task=args.task, model=args.model, baseline=args.baseline, methods=args.methods, k=args.k,
         seed=args.seed, n_test=args.n_test, lr=args.lr, data_dir=args.data_dir, position=args.position,
         ablate=args.ablate, ablate_mode=args.ablate_mode, n_heldout=args.n_heldout, batch_size=args.batch_size,
+        precision=args.precision, device=args.device,
     )
 
 
@@ -111,6 +114,9 @@ def cmd_grid(args) -> None:
     grid = load_grid(args.config)
     if args.data_dir is not None:
         grid.data_dir = args.data_dir
+    for key in ("precision", "device"):  # the command line overrides the config's keys
+        if getattr(args, key) is not None:
+            setattr(grid, key, getattr(args, key))
     run_grid(grid, args.results or Path("runs") / Path(args.config).stem, args.shard, args.retry_failed)
 
 
@@ -130,6 +136,7 @@ def cmd_models(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lens-iclgd", description="ICL vs GD vs layer-causal GD inside HookedTransformers (Deutch et al. 2023).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="run one cell (ZS, ICL, GD, LCGD) and write results.json")
@@ -150,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="overrides the config's data_dir")
     p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint slices (0-based)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose training diverged")
+    from .precision import add_compute_args
+
+    add_compute_args(p, unset=True)
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("report", help="tables, figures and findings from a results directory")
@@ -187,16 +197,28 @@ def quiet_third_party() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_third_party()  # before anything imports transformers
+def _tune_for_device(args) -> None:
+    """glibc malloc tuning is a CPU speedup: only when the command computes on the CPU."""
+    from .device import resolve_device
     from .fast import tune_malloc
 
-    tune_malloc()
+    device = getattr(args, "device", None) or "auto"
+    if resolve_device(device).type == "cpu":
+        tune_malloc()
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()  # before anything imports transformers
+    from .progress import set_quiet
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Progress goes to stdout; stderr is kept for the one-line error (and real warnings).
+    set_quiet(args.quiet)
+    # Log lines go to stdout; stderr is kept for the one-line error, real warnings and
+    # progress bars (on a terminal only).
     logging.basicConfig(level=logging.INFO, format="[lens-iclgd] %(message)s", stream=sys.stdout, force=True)
     try:
+        _tune_for_device(args)
         args.func(args)
     except UserError as e:
         if args.debug:

@@ -33,6 +33,8 @@ from transformer_lens.components import GroupedQueryAttention
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+from .device import model_device
+
 
 def _gated_mlp_forward(self: GatedMLP, x: Tensor) -> Tensor:
     pre_act = self.hook_pre(x @ self.W_gate)  # [batch, pos, d_mlp]
@@ -81,17 +83,29 @@ def _apply_rotary(self, x: Tensor, past_kv_pos_offset: int = 0, attention_mask=N
     return torch.cat([x[:, :start], out], dim=1) if start else out
 
 
+def on_cpu(model: HookedTransformer) -> bool:
+    return model_device(model).type == "cpu"
+
+
 def prerotation_supported(model: HookedTransformer) -> bool:
     """Can cached prefix keys be stored already rotated? (Not for the rotary variants
-    that `_apply_rotary` hands back to TransformerLens.)"""
+    that `_apply_rotary` hands back to TransformerLens, nor off the CPU, where
+    `fast_forward` patches nothing.)"""
     cfg = model.cfg
-    return cfg.positional_embedding_type == "rotary" and not cfg.use_dynamic_ntk_rope and not cfg.rotary_adjacent_pairs
+    return (cfg.positional_embedding_type == "rotary" and not cfg.use_dynamic_ntk_rope
+            and not cfg.rotary_adjacent_pairs and on_cpu(model))
 
 
 @contextmanager
 def fast_forward(model: HookedTransformer, rotated_prefix: int = 0) -> Iterator[None]:
     """Patch the model's modules (see the module docstring) inside the block.
-    `rotated_prefix`: how many cached key positions are already rotated."""
+    `rotated_prefix`: how many cached key positions are already rotated.
+    A no-op unless the model is on the CPU: the patches are measured CPU speedups, and
+    with no patch `rotated_prefix` must be 0 (see `prerotation_supported`)."""
+    if not on_cpu(model):
+        assert rotated_prefix == 0, "pre-rotated prefix keys need the CPU patches"
+        yield
+        return
     patched: list[tuple[object, str]] = []
 
     def patch(module, name: str, fn) -> None:

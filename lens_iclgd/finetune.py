@@ -28,9 +28,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from .device import model_device
 from .errors import TrainingDiverged, UserError, check_lr
 from .fast import fast_forward
 from .models import kv_parameters
+from .precision import FLOAT32, computing
+from .progress import bar
 from .recording import Hook
 from .vocab import linear_cross_entropy
 
@@ -115,9 +118,13 @@ def train(
     kv_bias: bool,
     hooks: Sequence[Hook] = (),
     reference: bool = False,
+    precision: str = FLOAT32,
 ) -> FinetuneLog:
     """One SGD pass over the demonstrations, updating K/V in place (see `finetuned`).
-    `reference=True` uses the straightforward losses on plain TransformerLens."""
+    `reference=True` uses the straightforward losses on plain TransformerLens.
+    `precision` (a mode of precision.py) applies to each step's forward pass and loss;
+    the parameters, their gradients and every update stay in the parameters' own dtype
+    (float32): autocast computes in bfloat16 from float32 master weights."""
     check_method(method)
     check_lr(lr)
     if not demos:
@@ -130,12 +137,16 @@ def train(
     for p in trained:
         p.requires_grad_(True)
         p.grad = None
-    losses, norms = [], torch.zeros(model.cfg.n_layers, len(demos))
+    dev = model_device(model)
+    losses, norms = [], torch.zeros(model.cfg.n_layers, len(demos), device=dev)
     try:
         with model.hooks(fwd_hooks=list(hooks)), (nullcontext() if reference else fast_forward(model)):
-            for step, demo in enumerate(demos):
-                tokens = torch.tensor([bos + demo])
-                loss = reference_losses(model, tokens, method) if reference else _LOSSES[method](model, tokens)
+            for step, demo in bar(enumerate(demos), f"{method} training", total=len(demos), unit="step"):
+                tokens = torch.tensor([bos + demo], device=dev)
+                # a fresh autocast region per step: its cached low-precision copies of
+                # the trained weights must not outlive the update below
+                with computing(precision, dev):
+                    loss = reference_losses(model, tokens, method) if reference else _LOSSES[method](model, tokens)
                 bad = (~torch.isfinite(loss.detach())).nonzero()
                 if len(bad):
                     layer = int(bad[0]) if method == "lcgd" else None
@@ -154,7 +165,7 @@ def train(
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
             p.grad = None
-    return FinetuneLog(method, lr, torch.stack(losses) if losses else torch.zeros(0, 1), norms)
+    return FinetuneLog(method, lr, torch.stack(losses).float().cpu() if losses else torch.zeros(0, 1, device="cpu"), norms.cpu())
 
 
 @contextmanager
@@ -167,13 +178,14 @@ def finetuned(
     kv_bias: bool,
     hooks: Sequence[Hook] = (),
     reference: bool = False,
+    precision: str = FLOAT32,
 ) -> Iterator[FinetuneLog]:
     """Train K/V in place for the duration of the block, then restore the original
     weights (cheaper than copying the whole model: K/V are a few % of it)."""
     params = [p for ps in kv_parameters(model, kv_bias).values() for _, p in ps]
     saved = [p.detach().clone() for p in params]
     try:
-        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference)
+        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference, precision)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

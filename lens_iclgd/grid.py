@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .device import DEFAULT_DEVICE
 from .errors import TrainingDiverged, UserError
 from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
+from .precision import DEFAULT_PRECISION, FLOAT32, policy
+from .progress import bar
 from .recording import DEFAULT_POSITION
 from .runner import RunConfig, default_lr, run
 from .store import atomic_write_json, check_writable, config_key, read_toml, remove_stale_temp_files
@@ -55,11 +58,13 @@ class GridConfig:
     batch_size: int = 16
     data_dir: str | None = None
     description: str = ""
+    precision: str = DEFAULT_PRECISION
+    device: str = DEFAULT_DEVICE
 
 
 _LISTS = {"tasks": str, "models": str, "baselines": str, "seeds": int, "methods": str, "lrs": (int, float, str), "ablations": str}
 _SCALARS = {"name": str, "ablate_mode": str, "k": int, "n_test": int, "n_heldout": int, "position": str,
-            "batch_size": int, "data_dir": str, "description": str}
+            "batch_size": int, "data_dir": str, "description": str, "precision": str, "device": str}
 
 
 def load_grid(path: str | Path) -> GridConfig:
@@ -110,7 +115,8 @@ def cells(grid: GridConfig) -> list[RunConfig]:
                                 task=task, model=model, baseline=baseline, methods=tuple(grid.methods),
                                 k=grid.k, seed=seed, n_test=grid.n_test, lr=lr, data_dir=grid.data_dir,
                                 position=grid.position, ablate=ablate, ablate_mode=grid.ablate_mode,
-                                n_heldout=grid.n_heldout, batch_size=grid.batch_size))
+                                n_heldout=grid.n_heldout, batch_size=grid.batch_size,
+                                precision=grid.precision, device=grid.device))
     return out
 
 
@@ -122,12 +128,17 @@ def group_of(c: RunConfig) -> tuple:
 def cell_id(c: RunConfig) -> str:
     settings = dataclasses.asdict(c)
     settings.pop("batch_size")  # does not change the numbers beyond float tolerance
+    settings.pop("device")  # where a cell runs, not what it computes
+    if settings.pop("precision") != FLOAT32:  # hashed by what it means, so redefining a preset reruns
+        settings["precision_policy"] = policy(c.precision).as_dict()
     if c.lr is None and c.ft_methods:  # "default": the id follows learning_rates.toml, so an edit there reruns
         settings["lr_default"] = default_lr(c.model, load_task(c.task))[0]
     lr = "default" if c.lr is None else f"{c.lr:g}"
     readable = f"{Path(c.model).name}__{c.baseline}__{Path(c.task).stem}__seed{c.seed}__lr{lr}"
     if c.ablate:
         readable += f"__ablate-{c.ablate_mode}-{c.ablate}"
+    if c.precision != FLOAT32:
+        readable += f"__{c.precision}"
     return re.sub(r"[^A-Za-z0-9_.+=-]", "-", readable) + "__" + config_key(settings)[:10]
 
 
@@ -189,10 +200,10 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
 
     models: dict[tuple, LoadedModel] = {}
     start, ran, failed = time.perf_counter(), 0, 0
-    for i, c in enumerate(todo, 1):
+    for i, c in bar(enumerate(todo, 1), f"grid {grid.name}", total=len(todo), unit="cell", leave=True):
         key = (c.model, c.baseline, c.seed if c.baseline != "trained" else None)
         if key not in models:
-            trained = models.get((c.model, "trained", None)) or load_model(c.model)
+            trained = models.get((c.model, "trained", None)) or load_model(c.model, device=c.device)
             models = {(c.model, "trained", None): trained}  # keep at most one other baseline
             models[key] = make_baseline(trained, c.baseline, c.seed)
         folder = results_dir / "cells" / cell_id(c)

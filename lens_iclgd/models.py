@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from .device import DEFAULT_DEVICE, resolve_device
 from .errors import UserError
 from .store import atomic_write_json, sha256_file
 from .zoo import (DEFAULT_MODEL, OFFLINE_MODELS, OfflineModel, cache_root, check_shape, converted_dir, find_model,
@@ -222,7 +223,12 @@ def _save_converted(spec: OfflineModel, model: HookedTransformer) -> None:
     os.replace(tmp, folder)
 
 
-def _load_offline(spec: OfflineModel) -> HookedTransformer:
+def _to_device(model: HookedTransformer, device: torch.device) -> HookedTransformer:
+    # str keeps a device index ("cuda:1"); TransformerLens records it in cfg.device
+    return model if device.type == "cpu" else model.to(str(device), print_details=False)
+
+
+def _load_offline(spec: OfflineModel, device: torch.device) -> HookedTransformer:
     model = _load_converted(spec)
     if model is None:
         gguf = fetch_offline_file(spec)
@@ -232,10 +238,10 @@ def _load_offline(spec: OfflineModel) -> HookedTransformer:
         del hf
         _save_converted(spec, model)
     check_shape(spec, model)
-    return model
+    return _to_device(model, device)
 
 
-def _load_local(path: Path) -> HookedTransformer:
+def _load_local(path: Path, device: torch.device) -> HookedTransformer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -243,12 +249,12 @@ def _load_local(path: Path) -> HookedTransformer:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a Hugging Face model from {path} ({str(e).splitlines()[0]})") from None
-    return _hooked_from_hf(hf, tokenizer, None, None)
+    return _to_device(_hooked_from_hf(hf, tokenizer, None, None), device)
 
 
-def _load_hub(name: str) -> HookedTransformer:
+def _load_hub(name: str, device: torch.device) -> HookedTransformer:
     try:
-        return HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=torch.float32)
+        return HookedTransformer.from_pretrained_no_processing(name, device=str(device), dtype=torch.float32)
     except OSError as e:
         raise UserError(
             f"could not download {name} from the Hugging Face hub ({str(e).splitlines()[0]}): "
@@ -256,18 +262,21 @@ def _load_hub(name: str) -> HookedTransformer:
         ) from None
 
 
-def load_model(name: str = DEFAULT_MODEL, baseline: str = "trained", seed: int = 0) -> LoadedModel:
-    """Load a model by zoo name or model .toml file, official TransformerLens name or local HF directory,
-    then turn it into the requested baseline (re-initialised with `seed`)."""
+def load_model(name: str = DEFAULT_MODEL, baseline: str = "trained", seed: int = 0,
+               device: str | torch.device = DEFAULT_DEVICE) -> LoadedModel:
+    """Load a model by zoo name or model .toml file, official TransformerLens name or local
+    HF directory, on `device` (auto, cpu, cuda[:i], mps; see device.py), then turn it into
+    the requested baseline (re-initialised with `seed`)."""
     check_model_name(name)
     check_baseline(baseline)
+    dev = resolve_device(device)
     if (spec := find_model(name)) is not None:
         name = spec.name  # a model file's results and caches carry the model's name
-        model, source, checksum = _load_offline(spec), spec.source, spec.sha256
+        model, source, checksum = _load_offline(spec, dev), spec.source, spec.sha256
     elif Path(name).is_dir():
-        model, source, checksum = _load_local(Path(name)), "local-hf", None
+        model, source, checksum = _load_local(Path(name), dev), "local-hf", None
     else:
-        model, source, checksum = _load_hub(name), "hub", None
+        model, source, checksum = _load_hub(name, dev), "hub", None
     model.eval()
     loaded = LoadedModel(model, name, source, checksum, kv_bias=has_kv_bias(model))
     return make_baseline(loaded, baseline, seed)
@@ -299,6 +308,7 @@ def make_baseline(loaded: LoadedModel, baseline: str, seed: int) -> LoadedModel:
     trained = loaded.model
     cfg = HookedTransformerConfig.from_dict({**trained.cfg.to_dict(), "init_weights": True, "seed": seed})
     fresh = HookedTransformer(cfg, tokenizer=trained.tokenizer)  # init_weights() runs, seeded
+    fresh = _to_device(fresh, next(trained.parameters()).device)  # where the trained model is
     if baseline == "embeddings":
         kept = {n: p for n, p in trained.state_dict().items() if kept_by_embeddings_baseline(n)}
         fresh.load_state_dict(kept, strict=False)

@@ -32,8 +32,11 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+from .device import model_device
 from .errors import UserError, check_int
 from .fast import fast_forward, prerotation_supported, rotate_cached_keys
+from .precision import FLOAT32, computing
+from .progress import bar
 from .prompts import Query
 from .vocab import log_probs
 
@@ -124,7 +127,7 @@ def prefix_cache(model: HookedTransformer, prefix: list[int]) -> tuple[Transform
     if not prefix:
         return None, 0
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
-    tokens = torch.tensor([prefix])
+    tokens = torch.tensor([prefix], device=model_device(model))
     rotary = prerotation_supported(model)  # else TransformerLens rotates the cached keys itself
     rotated: list[Tensor] = [None] * model.cfg.n_layers  # type: ignore[list-item]
 
@@ -155,26 +158,29 @@ def _record_batch(model: HookedTransformer, batch: list[_Row], queries: Sequence
     """One forward pass over right-padded rows after the cached prefix; hooks copy the
     recorded slices of option-0 rows into `rec`. Returns, for every answer token to
     score, its normalised final residual, target token, query and option."""
-    cfg = model.cfg
+    cfg, dev = model.cfg, model_device(model)
     width = max(len(r.tokens) for r in batch)
-    tokens = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")  # built on the CPU, moved once
+    mask = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")
     for b, r in enumerate(batch):
-        tokens[b, : len(r.tokens)] = torch.tensor(r.tokens)
+        tokens[b, : len(r.tokens)] = torch.tensor(r.tokens, device="cpu")
         mask[b, : len(r.tokens)] = 1
+    tokens, mask = tokens.to(dev), mask.to(dev)
     primary = [b for b, r in enumerate(batch) if r.option == 0]
-    where = torch.tensor([batch[b].query for b in primary], dtype=torch.long)
-    sel = torch.tensor(primary, dtype=torch.long)
-    pos = torch.tensor([_record_index(queries[batch[b].query], position) for b in primary], dtype=torch.long)
+    where = torch.tensor([batch[b].query for b in primary], dtype=torch.long, device=dev)
+    sel = torch.tensor(primary, dtype=torch.long, device=dev)
+    pos = torch.tensor([_record_index(queries[batch[b].query], position) for b in primary], dtype=torch.long, device=dev)
     n_keys = int(pos.max()) + 1 if primary else 0
-    absent = torch.arange(n_keys)[None, :] > pos[:, None]  # keys after the recorded position
+    absent = torch.arange(n_keys, device=dev)[None, :] > pos[:, None]  # keys after the recorded position
+    heads = torch.arange(cfg.n_heads, device=dev)
 
+    # Under bfloat16 compute the activations are bfloat16; recordings stay float32.
     def keep_attn_out(act: Tensor, hook, layer: int) -> None:
-        rec.attn_out[where, layer] = act[sel, pos]
+        rec.attn_out[where, layer] = act[sel, pos].to(rec.attn_out.dtype)
 
     def keep_scores(act: Tensor, hook, layer: int) -> None:
-        rows = act[sel[:, None], torch.arange(cfg.n_heads)[None, :], pos[:, None]]  # [b, head, key]
-        keys = _finite_or_nan(rows[:, :, n_prefix : n_prefix + n_keys])
+        rows = act[sel[:, None], heads[None, :], pos[:, None]]  # [b, head, key]
+        keys = _finite_or_nan(rows[:, :, n_prefix : n_prefix + n_keys]).to(rec.attn_scores.dtype)
         rec.attn_scores[where, layer, :, :n_keys] = keys.masked_fill(absent[:, None, :], float("nan"))
 
     record_hooks: list[Hook] = []
@@ -186,23 +192,25 @@ def _record_batch(model: HookedTransformer, batch: list[_Row], queries: Sequence
         resid = model(tokens, attention_mask=mask, stop_at_layer=cfg.n_layers,
                       past_kv_cache=_expand(cache, len(batch)) if cache is not None else None)
     scored = [(b, *s) for b, r in enumerate(batch) for s in _scored_tokens(r, queries[r.query], options)]
-    bs, opts, ps, ts = (torch.tensor(col) for col in zip(*scored))
-    qs = torch.tensor([batch[b].query for b in bs.tolist()])
-    return model.ln_final(resid[bs, ps][None])[0], ts, qs, opts
+    bs, opts, ps, ts = (torch.tensor(col, device="cpu") for col in zip(*scored))
+    qs = torch.tensor([batch[b].query for b in bs.tolist()], device="cpu")
+    return model.ln_final(resid[bs.to(dev), ps.to(dev)][None])[0], ts.to(dev), qs, opts
 
 
-def _start_recording(model: HookedTransformer, queries: Sequence[Query], options: list[list[int]], position: str) -> Recording:
-    """Check the shared arguments of `record` and `record_reference`; an empty Recording."""
+def _start_recording(model: HookedTransformer, queries: Sequence[Query], options: list[list[int]], position: str,
+                     device: torch.device | str = "cpu") -> Recording:
+    """Check the shared arguments of `record` and `record_reference`; an empty Recording
+    (on `device`, where the hooks fill it)."""
     check_position(position)
     if not queries:
         raise UserError("record needs at least one test example")
     cfg, n = model.cfg, len(queries)
     max_keys = max(_record_index(q, position) for q in queries) + 1
     return Recording(
-        attn_out=torch.zeros(n, cfg.n_layers, cfg.d_model),
-        attn_scores=torch.full((n, cfg.n_layers, cfg.n_heads, max_keys), float("nan")),
-        option_logprobs=torch.zeros(n, len(options)),
-        labels=torch.tensor([q.label for q in queries], dtype=torch.long),
+        attn_out=torch.zeros(n, cfg.n_layers, cfg.d_model, device=device),
+        attn_scores=torch.full((n, cfg.n_layers, cfg.n_heads, max_keys), float("nan"), device=device),
+        option_logprobs=torch.zeros(n, len(options), device="cpu"),
+        labels=torch.tensor([q.label for q in queries], dtype=torch.long, device="cpu"),
     )
 
 
@@ -215,28 +223,35 @@ def record(
     position: str = DEFAULT_POSITION,
     batch_size: int = 16,
     hooks: Sequence[Hook] = (),
+    precision: str = FLOAT32,
 ) -> Recording:
     """Record every query after a shared prefix, in batches, reusing the prefix's KV cache.
 
-    `hooks` (e.g. ablations) are active in every forward pass, the prefix's included."""
+    `hooks` (e.g. ablations) are active in every forward pass, the prefix's included.
+    `precision`: a mode of precision.py (float32, bfloat16, vocab-bf16); the recording is
+    float32 and on the CPU whatever the mode and the model's device."""
     check_int("batch_size", batch_size, 1)
-    rec = _start_recording(model, queries, options, position)
+    dev = model_device(model)
+    rec = _start_recording(model, queries, options, position, dev)
     rows = _rows(queries, options)
     scored = []
     # Sorting by length keeps padding low; the order is fixed, so results are reproducible.
     order = sorted(range(len(rows)), key=lambda r: (len(rows[r].tokens), r))
+    starts = range(0, len(order), batch_size)
 
-    with model.hooks(fwd_hooks=list(hooks)):
+    with model.hooks(fwd_hooks=list(hooks)), computing(precision, dev):
         cache, rotated = prefix_cache(model, prefix)
         with fast_forward(model, rotated_prefix=rotated):
-            for start in range(0, len(order), batch_size):
+            for start in bar(starts, "recording", total=len(starts), unit="batch"):
                 batch = [rows[r] for r in order[start : start + batch_size]]
                 scored.append(_record_batch(model, batch, queries, options, position, cache, len(prefix), rec))
-    # All answer tokens in one vocabulary pass: W_U is read once, not once per batch.
-    x, targets, qs, opts = (torch.cat(col) for col in zip(*scored))
-    logprob_sum = torch.zeros(rec.option_logprobs.shape, dtype=torch.float64)
-    logprob_sum.index_put_((qs, opts), log_probs(model, x, targets).double(), accumulate=True)
-    rec.option_logprobs = (logprob_sum / torch.tensor([len(o) for o in options], dtype=torch.float64)).float()
+        # All answer tokens in one vocabulary pass: W_U is read once, not once per batch.
+        x, targets, qs, opts = (torch.cat(col) for col in zip(*scored))
+        logprobs = log_probs(model, x, targets).cpu()
+    logprob_sum = torch.zeros(rec.option_logprobs.shape, dtype=torch.float64, device="cpu")
+    logprob_sum.index_put_((qs, opts), logprobs.double(), accumulate=True)
+    rec.option_logprobs = (logprob_sum / torch.tensor([len(o) for o in options], dtype=torch.float64, device="cpu")).float()
+    rec.attn_out, rec.attn_scores = rec.attn_out.cpu(), rec.attn_scores.cpu()
     return rec
 
 
@@ -258,9 +273,9 @@ def record_reference(
     with model.hooks(fwd_hooks=list(hooks)):
         for qi, q in enumerate(queries):
             for row in _rows([q], options):
-                tokens = torch.tensor([prefix + row.tokens])
+                tokens = torch.tensor([prefix + row.tokens], device=model_device(model))
                 logits, cache = model.run_with_cache(tokens, attention_mask=torch.ones_like(tokens))
-                logp = logits[0].log_softmax(-1)
+                logp = logits[0].log_softmax(-1).cpu()  # the recording is on the CPU
                 for j, p, tok in _scored_tokens(row, q, options):
                     rec.option_logprobs[qi, j] += logp[n_prefix + p, tok] / len(options[j])
                 if row.option == 0:

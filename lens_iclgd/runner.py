@@ -32,10 +32,12 @@ import torch
 
 from . import metrics as M
 from .ablation import ablation_hooks, parse_ablation
+from .device import DEFAULT_DEVICE, resolve_device
 from .errors import UserError, check_int, check_lr
 from .finetune import METHODS as FT_METHODS
 from .finetune import FinetuneLog, check_method, finetuned
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
+from .precision import DEFAULT_PRECISION, FLOAT32, check_precision, policy, within_fidelity
 from .prompts import PromptSet, build_prompts
 from .recording import DEFAULT_POSITION, Recording, check_position, record
 from .store import (StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key,
@@ -67,6 +69,8 @@ class RunConfig:
     n_heldout: int = 0  # train examples after the demos, scored after finetuning
     order: int = 0  # 0: the seed's demonstration order; p > 0: the p-th permutation of the same set
     batch_size: int = 16
+    precision: str = DEFAULT_PRECISION  # float32 | mixed | bfloat16 | a candidate (precision.py)
+    device: str = DEFAULT_DEVICE  # auto | cpu | cuda[:i] | mps; where, never what: not in ids or keys
 
     def validate(self) -> "RunConfig":
         """Check types and ranges before any compute; return a normalised copy."""
@@ -86,6 +90,8 @@ class RunConfig:
         check_baseline(self.baseline)
         check_position(self.position)
         check_model_name(self.model)
+        check_precision(self.precision)
+        resolve_device(self.device)  # a device that is not there fails here, before any compute
         parse_ablation(self.ablate, self.ablate_mode)  # syntax only; layer ranges checked with the model
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise UserError(f"data directory {self.data_dir} does not exist: pass --data-dir with <task>/<split>.jsonl files")
@@ -136,7 +142,7 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
     eval_rows = load_split(task, task.eval_split, config.data_dir)
     if loaded is None:
         log.info("loading %s (%s baseline)", config.model, config.baseline)
-        loaded = load_model(config.model, config.baseline, config.seed)
+        loaded = load_model(config.model, config.baseline, config.seed, device=config.device)
     prompts = build_prompts(loaded.model, task, train_rows, eval_rows, config.k, config.seed, config.n_test, config.n_heldout)
     if config.order:
         permute_demos(prompts, config.seed, config.order)
@@ -174,7 +180,7 @@ def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: Loaded
     config = config.validate()
     out = check_writable(Path(out))
     if loaded is None:
-        loaded = load_model(config.model, config.baseline, config.seed)
+        loaded = load_model(config.model, config.baseline, config.seed, device=config.device)
     per_order = [run(dataclasses.replace(config, order=p), out / f"order{p}", loaded, out / "stages") for p in range(n_orders)]
     settings = ["zs"] + list(config.methods)
     preds = {s: pd.DataFrame({p: pd.read_csv(out / f"order{p}" / "examples.csv")[f"{s}_pred"] for p in range(n_orders)}) for s in settings}
@@ -230,11 +236,16 @@ def stage_keys(inp: Inputs) -> dict[str, str]:
         "heldout": config_key([(q.index, q.prompt) for q in p.heldout]),
         "bos": p.bos,
     }
-    keys = {"zs": config_key({**base, "stage": "zs"})}
+    # Each stage's own precision modes, only where not float32 (so float32 keys stay as
+    # they were, and a stage computed alike under two presets is shared).
+    pol = policy(c.precision)
+    modes = {"zs": {"zs": pol.zs}, "icl": {"icl": pol.icl}} | {m: {"train": pol.train, "eval": pol.eval} for m in FT_METHODS}
+    extra = {s: ({"precision": v} if set(v.values()) != {FLOAT32} else {}) for s, v in modes.items()}
+    keys = {"zs": config_key({**base, "stage": "zs", **extra["zs"]})}
     icl = {**base, "prefix": config_key(p.icl_prefix())}
-    keys["icl"] = config_key({**icl, "stage": "icl"})
+    keys["icl"] = config_key({**icl, "stage": "icl", **extra["icl"]})
     for m in FT_METHODS:
-        keys[m] = config_key({**icl, "stage": m, "lr": c.lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos)})
+        keys[m] = config_key({**icl, "stage": m, "lr": c.lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos), **extra[m]})
     return keys
 
 
@@ -242,23 +253,24 @@ def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str,
     """Run one stage; returns {"recording", "heldout"?, "log"?, "seconds"}."""
     c, p, lm = inp.config, inp.prompts, inp.loaded
     model = lm.model
+    pol = policy(c.precision)
     t0 = time.perf_counter()
 
-    def rec(prefix: list[int], queries) -> Recording:
-        return record(model, prefix, queries, p.options, c.position, c.batch_size, inp.hooks)
+    def rec(prefix: list[int], queries, mode: str) -> Recording:
+        return record(model, prefix, queries, p.options, c.position, c.batch_size, inp.hooks, precision=mode)
 
     out: dict[str, Any] = {}
     if stage == "zs":
-        out["recording"] = rec(p.zs_prefix(), p.queries)
+        out["recording"] = rec(p.zs_prefix(), p.queries, pol.zs)
     elif stage == "icl":
-        out["recording"] = rec(p.icl_prefix(), p.queries)
+        out["recording"] = rec(p.icl_prefix(), p.queries, pol.icl)
     else:
         check_method(stage)
         assert lr is not None
-        with finetuned(model, p.demos, p.bos, stage, lr, lm.kv_bias, inp.hooks) as ft_log:
-            out["recording"] = rec(p.zs_prefix(), p.queries)
+        with finetuned(model, p.demos, p.bos, stage, lr, lm.kv_bias, inp.hooks, precision=pol.train) as ft_log:
+            out["recording"] = rec(p.zs_prefix(), p.queries, pol.eval)
             if p.heldout:
-                out["heldout"] = rec(p.zs_prefix(), p.heldout)
+                out["heldout"] = rec(p.zs_prefix(), p.heldout, pol.eval)
         out["log"] = ft_log
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -341,6 +353,8 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str
         "model_checksum_sha256": lm.checksum, "kv_bias_trained": lm.kv_bias, "ablation": inp.ablation,
         "demo_rows": p.demo_rows, "demo_labels": p.demo_labels,
         "eval_rows": [q.index for q in p.queries], "context_window": p.n_ctx,
+        # per phase; beyond the default precision (the fastest within fidelity of float32) is opt-in
+        "precision_policy": policy(c.precision).as_dict(), "precision_within_fidelity": within_fidelity(c.precision),
     }
     results: dict[str, Any] = {
         "config": config,

@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerFast
 from lens_iclgd.models import LoadedModel, has_kv_bias
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# beside the repository; LENS_ICLGD_TEST_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = Path(os.environ.get("LENS_ICLGD_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 # Unit tests run on 1 thread: deterministic and fast for tiny matrices.
 torch.set_num_threads(1)

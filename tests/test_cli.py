@@ -17,6 +17,7 @@ def test_tiny_local_model_end_to_end(tiny_hf_dir, tmp_path):
     args = ["run", "--model", str(tiny_hf_dir), *SST2, "--k", "4", "--n-test", "12", "--lr", "0.01", "--out", str(out)]
     proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # stderr is not a terminal: no progress bar is drawn
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["model_source"] == "local-hf"
     assert set(results["accuracy"]) == {"zs", "icl", "gd", "lcgd"}
@@ -60,6 +61,9 @@ CASES = {
     "bad ablation": (lambda tmp, m: ["--ablate", "3:5"], "cannot parse ablation"),
     "ablation out of range": (lambda tmp, m: [*SST2, "--model", m, "--ablate", "9.0"], "has layers 0..1"),
     "nan during training": (lambda tmp, m: [*SST2, "--model", m, "--lr", "1e38", "--k", "2"], "loss became"),
+    "device not present": (lambda tmp, m: ["--device", "cuda:7"], "is not available here"),
+    "unknown device": (lambda tmp, m: ["--device", "abacus"], "unknown device 'abacus'"),
+    "unknown precision": (lambda tmp, m: ["--precision", "half"], "invalid choice: 'half'"),
 }
 
 
@@ -121,3 +125,40 @@ def test_bench_runs_both_pipelines_and_ends_with_the_speedup(tiny_hf_dir):
     assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
     assert "predictions identical: zs 100%, icl 100%" in out.stdout
     assert "matmul peak" in out.stdout and "peak memory" in out.stdout
+
+
+@pytest.mark.parametrize("args,usage", [(["--bogus"], "(see lens-iclgd --help)"), (["run", "--k", "four"], "(see lens-iclgd run --help)"),
+                                        (["frobnicate"], "(see lens-iclgd --help)")])
+def test_usage_error_names_the_program_once(args, usage):
+    proc = run_cli(args)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.startswith("lens-iclgd: error: ") and line.endswith(usage) and len(line.splitlines()) == 1
+    assert "lens-iclgd lens-iclgd" not in line
+
+
+def test_bench_precision_study_without_the_naive_pipeline(tiny_hf_dir):
+    out = run_cli(["bench", "--model", str(tiny_hf_dir), "--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "5",
+                   "--lr", "0.01", "--no-naive", "--precision-study", "--precision", "bfloat16"])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "speedup: not measured (--no-naive)"
+    assert lines[-2].startswith("precision: cell speedup ") and lines[-2].endswith("(bfloat16)")
+    assert "running the naive pipeline" not in out.stdout
+    for name in ("train-vocab-bf16", "train-bf16", "train-icl-bf16", "bfloat16"):
+        assert f"{name:<18}LCGD train" in out.stdout and f"{name:<18}predictions agree: zs" in out.stdout
+    assert "matmul peak (bfloat16 2048^3" in out.stdout and "update size |h_FT - h_ZS| / |h_ZS|" in out.stdout
+    assert "rule (fastest within fidelity of float32): " in out.stdout
+
+
+def test_editable_install_is_quiet_and_ships_the_data_folders(tmp_path):
+    """No setuptools warnings for the data folders (tasks/*.toml, ...), and they are in the wheel."""
+    import sys
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(Path(__file__).resolve().parents[1])], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr and "absent from the `packages`" not in proc.stderr, proc.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "lens_iclgd/tasks/sst2.toml" in names and "lens_iclgd/learning_rates.toml" in names
