@@ -1,8 +1,8 @@
 """The `lens-iclgd` command line.
 
     lens-iclgd run     one cell: ZS, ICL, GD, LCGD on one task/model/baseline/seed
-    lens-iclgd grid    every cell of an experiment config (resumable, shardable)
-    lens-iclgd report  tables, figures and findings from a results directory
+    lens-iclgd grid    every cell of an experiment config (resumable, shardable; --submit slurm|local)
+    lens-iclgd report  tables, figures and findings from a results directory (per model and across models)
     lens-iclgd views   per-head SimAM heatmaps and per-layer SimAOU bars of a run
     lens-iclgd bench   optimised vs naive pipeline on one cell, with FLOP/s and memory
 

@@ -1,6 +1,7 @@
 """The study at scale: portable cell ids, committed results, cross-model reports, the
 ICL-gain table and the submitit launcher, on tiny local models."""
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED_DATA, run_cli, save_tiny_llama
+from lens_iclgd.cli import main
 from lens_iclgd.errors import UserError
 from lens_iclgd.grid import cell_id, cells, legacy_cell_id, load_grid
 from lens_iclgd.report import collect
@@ -62,6 +64,8 @@ def test_cell_ids_follow_the_data_not_its_path(tmp_path, tiny_hf_dir):
     assert ids(a) != ids(changed) and len(set(ids(a)) & set(ids(changed))) == 0
     (c,) = cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], a, seeds=[0])))
     assert legacy_cell_id(c) != legacy_cell_id(cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], b, seeds=[0])))[0])
+    # without a data_dir the id is the one older versions gave (existing results stay valid)
+    assert cell_id(dataclasses.replace(c, data_dir=None)) == legacy_cell_id(dataclasses.replace(c, data_dir=None))
     # the recorded fingerprint stands in for reading the data
     assert cell_id(c, {"sst2": "local-sha256:0"}) != cell_id(c)
     shutil.rmtree(a)
@@ -244,15 +248,16 @@ def test_submit_local_gives_the_uninterrupted_grid(tmp_path, tiny_hf_dir):
     assert collect(submitted).missing == 0
 
 
-def test_slurm_executor_gets_the_requested_resources(tmp_path, monkeypatch):
+def test_slurm_executor_gets_the_requested_resources(tmp_path, monkeypatch, capsys):
     from submitit.slurm import slurm
 
     from lens_iclgd.launch import Resources, make_executor
 
     res = Resources(jobs=4, partition="gpu-long", time_min=90, gpus_per_job=1, cpus_per_job=8, mem_gb=32)
-    proc = run_cli(["grid", "experiments/table2.toml", "--results", str(tmp_path / "r"), "--submit", "slurm",
-                    "--data-dir", str(SHARED_DATA)])
-    assert proc.returncode == 1 and "Run on a SLURM login node" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    config = _grid_file(tmp_path / "g.toml", ["gemma-3-270m"], SHARED_DATA)
+    assert main(["grid", str(config), "--results", str(tmp_path / "r"), "--submit", "slurm"]) == 1
+    err = capsys.readouterr().err
+    assert "Run on a SLURM login node" in err and len(err.splitlines()) == 1
 
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # pretend srun exists
     executor = make_executor("slurm", tmp_path / "submitit" / "%j", res, "lens-iclgd-x")
@@ -271,7 +276,9 @@ def test_slurm_executor_gets_the_requested_resources(tmp_path, monkeypatch):
     (["--submit", "local", "--jobs", "0"], "--jobs must be an integer >= 1"),
     (["--submit", "local", "--mem-gb", "-1"], "--mem-gb -1.0 must be a positive number"),
 ])
-def test_bad_launcher_flags(tmp_path, args, message):
-    proc = run_cli(["grid", "experiments/table2.toml", "--results", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA), *args])
-    assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.splitlines()) == 1
+def test_bad_launcher_flags(tmp_path, capsys, args, message):
+    config = _grid_file(tmp_path / "g.toml", ["gemma-3-270m"], SHARED_DATA)
+    assert main(["grid", str(config), "--results", str(tmp_path / "r"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r" / "submitit").exists()
