@@ -110,7 +110,7 @@ def findings_side_by_side(by_model: dict[str, list[str]]) -> list[str]:
              "Verdicts against the paper's findings; a finding a model does not reproduce is reported as such.", "",
              "| finding | " + " | ".join(by_model) + " |", "|---|" + "---|" * len(by_model)]
     numbered = {m: _by_number(f) for m, f in by_model.items()}
-    numbers = sorted({n for f in numbered.values() for n in f})
+    numbers = sorted({"1", "2", "3", "4"} | {n for f in numbered.values() for n in f})
     for n in numbers:
         verdicts = []
         for m in by_model:
