@@ -117,7 +117,7 @@ def two_model_results(tmp_path_factory, tiny_hf_dir, second_hf_dir):
     config = _grid_file(root / "two.toml", [tiny_hf_dir, second_hf_dir], data, name="two",
                         baselines=["trained", "untrained"])
     results = root / "results"
-    out = run_cli(["grid", str(config), "--results", str(results)])
+    out = run_cli(["grid", str(config), "--results", str(results)], timeout=1800)  # 8 cells; slow on a busy machine
     assert out.returncode == 0, out.stderr
     shutil.rmtree(data)
     return results
