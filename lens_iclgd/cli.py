@@ -1,8 +1,8 @@
 """The `lens-iclgd` command line.
 
     lens-iclgd run     one cell: ZS, ICL, GD, LCGD on one task/model/baseline/seed
-    lens-iclgd grid    every cell of an experiment config (resumable, shardable)
-    lens-iclgd report  tables, figures and findings from a results directory
+    lens-iclgd grid    every cell of an experiment config (resumable, shardable; --submit slurm|local)
+    lens-iclgd report  tables, figures and findings from a results directory (per model and across models)
     lens-iclgd views   per-head SimAM heatmaps and per-layer SimAOU bars of a run
     lens-iclgd bench   optimised vs naive pipeline on one cell, with FLOP/s and memory
     lens-iclgd models  the model zoo: shape, source, licence, cache state, measured ICL gain
@@ -111,20 +111,39 @@ def cmd_views(args) -> None:
 def cmd_grid(args) -> None:
     from .grid import load_grid, run_grid
 
+    results = args.results or Path("runs") / Path(args.config).stem
+    if args.submit:
+        from .launch import Resources, submit_grid
+
+        if args.shard:
+            raise UserError("--shard and --submit exclude each other: --submit runs every shard (--jobs N)")
+        res = Resources(args.jobs, args.partition, args.time, args.gpus_per_job, args.cpus_per_job, args.mem_gb)
+        overrides = {key: getattr(args, key) for key in ("precision", "device") if getattr(args, key) is not None}
+        submit_grid(args.config, results, args.submit, res, args.data_dir, args.scratch, args.retry_failed, overrides)
+        return
     grid = load_grid(args.config)
     if args.data_dir is not None:
         grid.data_dir = args.data_dir
     for key in ("precision", "device"):  # the command line overrides the config's keys
         if getattr(args, key) is not None:
             setattr(grid, key, getattr(args, key))
-    run_grid(grid, args.results or Path("runs") / Path(args.config).stem, args.shard, args.retry_failed)
+    run_grid(grid, results, args.shard, args.retry_failed, args.scratch)
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from .crossmodel import write_reports
+    from .icl_gain import read_make_run_times, write_icl_gain
+    from .report import collect
 
-    out = write_report(args.results_dir, args.out, command=args.command_line)
+    times_file = args.make_run_times
+    if times_file is None and args.icl_gain_out and (Path(args.icl_gain_out) / "make_run_times.toml").is_file():
+        times_file = Path(args.icl_gain_out) / "make_run_times.toml"
+    times = read_make_run_times(times_file)
+    out = write_reports(args.results_dir, args.out, command=args.command_line, times=times)
     print(f"report: {out / 'report.md'}")
+    if args.icl_gain_out:
+        write_icl_gain(collect(args.results_dir).cells, args.icl_gain_out, args.command_line, times)
+        print(f"ICL gain: {Path(args.icl_gain_out) / 'icl_gain.md'}")
 
 
 def cmd_models(args) -> None:
@@ -160,12 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     from .precision import add_compute_args
 
     add_compute_args(p, unset=True)
+
+    p.add_argument("--scratch", default=None, metavar="DIR",
+                   help="put the heavy recordings in DIR/stages instead of RESULTS/stages")
+    p.add_argument("--submit", default=None, choices=("slurm", "local"),
+                   help="run the shards as submitit jobs (SLURM array, or processes here); logs in RESULTS/submitit")
+    p.add_argument("--jobs", type=_int, default=1, help="with --submit: number of shards/jobs")
+    p.add_argument("--partition", default=None, help="with --submit slurm: the SLURM partition")
+    p.add_argument("--time", type=_int, default=240, help="with --submit: time limit per job in minutes")
+    p.add_argument("--gpus-per-job", type=_int, default=0)
+    p.add_argument("--cpus-per-job", type=_int, default=None, help="also sets OMP_NUM_THREADS in the job")
+    p.add_argument("--mem-gb", type=_float, default=None)
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("report", help="tables, figures and findings from a results directory")
     p.add_argument("results_dir")
     p.add_argument("--out", default=None, help="report directory (default RESULTS_DIR/report)")
     p.add_argument("--command-line", default=None, help="the command that produced the results, quoted in the report")
+    p.add_argument("--icl-gain-out", default=None, metavar="DIR", help="also write icl_gain.md/.csv (the premise table) to DIR")
+    p.add_argument("--make-run-times", default=None, metavar="TOML",
+                   help="`make run` seconds per model for the default-model rule (default: ICL_GAIN_OUT/make_run_times.toml if present)")
     p.set_defaults(func=cmd_report)
 
     from .zoo import GAIN_TABLE

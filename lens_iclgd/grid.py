@@ -7,10 +7,13 @@ learning rate, ablation) and runs every listed method, exactly like `lens-iclgd 
     RESULTS/cells/<cell id>/results.json   a finished cell (written last, atomically)
     RESULTS/cells/<cell id>/failed.json    a cell whose training diverged (NaN/inf)
     RESULTS/stages/                        ZS, ICL and finetuned recordings, shared
+                                           (`--scratch DIR`: DIR/stages instead)
     RESULTS/grids/<name>.json              the grid configs run here (for `report`)
 
 The cell id ends in a hash of the cell's full settings, so a changed setting makes a new
-cell instead of reusing a stale one. ZS and ICL recordings are keyed by what they depend
+cell instead of reusing a stale one. A `data_dir` enters the hash as a fingerprint of the
+split files read from it, not as its path, so the same cell has the same id on every
+machine; the fingerprints are recorded in grids/<name>.json, so `report` needs no data. ZS and ICL recordings are keyed by what they depend
 on only, so every method and learning rate of a (model, baseline, task, seed) reuses
 them. Rerunning after an interruption (Ctrl-C, kill -9) skips finished cells.
 `--shard I/N` takes every N-th group of cells sharing ZS/ICL recordings, so N machines
@@ -35,7 +38,7 @@ from .progress import bar
 from .recording import DEFAULT_POSITION
 from .runner import RunConfig, default_lr, run
 from .store import atomic_write_json, check_writable, config_key, read_toml, remove_stale_temp_files
-from .tasks import load_split, load_task
+from .tasks import data_fingerprint, load_split, load_task
 
 log = logging.getLogger("lens_iclgd")
 
@@ -60,6 +63,8 @@ class GridConfig:
     description: str = ""
     precision: str = DEFAULT_PRECISION
     device: str = DEFAULT_DEVICE
+    # task -> fingerprint of the data_dir files, filled by run_grid (not a config key)
+    data_fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 _LISTS = {"tasks": str, "models": str, "baselines": str, "seeds": int, "methods": str, "lrs": (int, float, str), "ablations": str}
@@ -125,8 +130,22 @@ def group_of(c: RunConfig) -> tuple:
     return (c.model, c.baseline, c.seed, c.task, c.ablate)
 
 
-def cell_id(c: RunConfig) -> str:
+def cell_id(c: RunConfig, fingerprints: dict[str, str] | None = None) -> str:
+    """`fingerprints` (task -> data fingerprint, as recorded in grids/*.json) saves
+    reading the data; without it the data_dir files are hashed (once per process)."""
     settings = dataclasses.asdict(c)
+    if c.data_dir is not None:  # what the data is, not where it lies: the same id on every machine
+        settings["data_dir"] = (fingerprints or {}).get(c.task) or data_fingerprint(load_task(c.task), c.data_dir)
+    return _cell_id(c, settings)
+
+
+def legacy_cell_id(c: RunConfig) -> str:
+    """The id before data fingerprints (data_dir hashed as the path string given): how
+    cells of older results directories are named. Equal to cell_id without a data_dir."""
+    return _cell_id(c, dataclasses.asdict(c))
+
+
+def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     settings.pop("batch_size")  # does not change the numbers beyond float tolerance
     settings.pop("device")  # where a cell runs, not what it computes
     if settings.pop("precision") != FLOAT32:  # hashed by what it means, so redefining a preset reruns
@@ -158,6 +177,19 @@ def shard(all_cells: list[RunConfig], index: int, count: int) -> list[RunConfig]
     return [c for c in all_cells if group_of(c) in mine]
 
 
+def adopt_legacy_cell(results_dir: Path, c: RunConfig) -> bool:
+    """Rename a finished cell written under its legacy id (before data fingerprints) to
+    its id, so a grid started by an older version resumes instead of rerunning it."""
+    new, old = (results_dir / "cells" / name for name in (cell_id(c), legacy_cell_id(c)))
+    if new == old or new.exists() or not old.is_dir():
+        return False
+    try:
+        old.rename(new)
+    except OSError:  # another shard got there first
+        return False
+    return True
+
+
 def cell_status(results_dir: Path, c: RunConfig) -> str:
     folder = results_dir / "cells" / cell_id(c)
     if (folder / "results.json").exists():
@@ -184,12 +216,21 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None = None, retry_failed: bool = False) -> dict[str, int]:
-    """Run the unfinished cells of this shard; returns counts of done/failed/run cells."""
+def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None = None, retry_failed: bool = False,
+             scratch_dir: str | Path | None = None) -> dict[str, int]:
+    """Run the unfinished cells of this shard; returns counts of done/failed/run cells.
+    Recordings go to `scratch_dir`/stages (default RESULTS/stages): results can then live
+    in a committed directory and the heavy recordings on a scratch disk."""
     results_dir = check_writable(Path(results_dir))
+    stages_dir = (check_writable(Path(scratch_dir)) if scratch_dir is not None else results_dir) / "stages"
     remove_stale_temp_files(results_dir)  # left by a writer killed mid-write (kill -9)
     index, count = parse_shard(shard_spec)
+    if grid.data_dir is not None:
+        grid.data_fingerprints = {t: data_fingerprint(load_task(t), grid.data_dir) for t in grid.tasks}
     mine = shard(cells(grid), index, count)
+    adopted = sum(adopt_legacy_cell(results_dir, c) for c in mine)
+    if adopted:
+        print(f"grid {grid.name}: {adopted} finished cells renamed from their pre-fingerprint ids", flush=True)
     status = {cell_id(c): cell_status(results_dir, c) for c in mine}
     todo = [c for c in mine if status[cell_id(c)] == "todo" or (retry_failed and status[cell_id(c)] == "failed")]
     print(f"grid {grid.name}: {len(mine)} cells in shard {index}/{count}, "
@@ -209,7 +250,7 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
         folder = results_dir / "cells" / cell_id(c)
         t0 = time.perf_counter()
         try:
-            run(c, folder, loaded=models[key], stages_dir=results_dir / "stages")
+            run(c, folder, loaded=models[key], stages_dir=stages_dir)
             (folder / "failed.json").unlink(missing_ok=True)
             outcome = "done"
         except TrainingDiverged as e:

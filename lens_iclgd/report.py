@@ -52,21 +52,26 @@ class Collected:
     stale: int = 0  # finished cells no recorded grid defines any more (settings changed): left out
 
 
-def collect(results_dir: str | Path) -> Collected:
-    """Finished cells of `results_dir`. Where grids are recorded (grids/*.json), only the
-    cells they define count, so a cell from an older setting is never pooled in."""
+def collect(results_dir: str | Path, model: str | None = None) -> Collected:
+    """Finished cells of `results_dir` (of one `model` if given). Where grids are recorded
+    (grids/*.json), only the cells they define count, so a cell from an older setting is
+    never pooled in."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results directory {results_dir} does not exist")
-    expected = _expected_cells(results_dir)
+    expected = {i: c for i, c in _expected_cells(results_dir).items() if model is None or c.model == model}
     files = sorted(results_dir.glob("cells/*/results.json")) or sorted(results_dir.glob("**/results.json"))
-    current = [f for f in files if not expected or f.parent.name in expected]
-    cells, rows = [], []
-    for f in current:
+    cells, rows, n_files = [], [], 0
+    for f in files:
         try:
             r = json.loads(f.read_text())
         except (json.JSONDecodeError, OSError):
             continue  # cannot happen with atomic writes; skip rather than report garbage
+        if model is not None and r["config"]["model"] != model:
+            continue
+        n_files += 1
+        if expected and f.parent.name not in expected:
+            continue
         r["_path"] = str(f.parent)
         cells.append(r)
         c = r["config"]
@@ -87,21 +92,35 @@ def collect(results_dir: str | Path) -> Collected:
             if "SimAOU_random_matched" not in m:  # older results: their SimAOU_random was the matched variant
                 row["SimAOU_random_matched"], row["SimAOU_random"] = row["SimAOU_random"], None
             rows.append(row)
-    failed_files = [f for f in sorted(results_dir.glob("cells/*/failed.json"))
-                    if not (f.parent / "results.json").exists() and (not expected or f.parent.name in expected)]
-    failed = [json.loads(f.read_text()) for f in failed_files]
-    done = {f.parent.name for f in current} | {f.parent.name for f in failed_files}
+    failed = []
+    for f in sorted(results_dir.glob("cells/*/failed.json")):
+        info = json.loads(f.read_text())
+        if not (f.parent / "results.json").exists() and (not expected or f.parent.name in expected) \
+                and (model is None or info["config"]["model"] == model):
+            failed.append({**info, "_cell": f.parent.name})
+    done = {Path(c["_path"]).name for c in cells} | {f["_cell"] for f in failed}
     return Collected(pd.DataFrame(rows, columns=COLUMNS), cells, len(expected), failed,
-                     missing=len(expected - done), stale=len(files) - len(current))
+                     missing=len(expected.keys() - done), stale=n_files - len(cells))
 
 
-def _expected_cells(results_dir: Path) -> set[str]:
-    from .grid import GridConfig, cell_id, cells
+def _expected_cells(results_dir: Path) -> dict[str, Any]:
+    """cell id -> RunConfig of every cell the recorded grids define."""
+    return {i: c for grid in grid_cells(results_dir).values() for i, c in grid.items()}
 
-    ids: set[str] = set()
-    for f in sorted(results_dir.glob("grids/*.json")):
-        ids |= {cell_id(c) for c in cells(GridConfig(**json.loads(f.read_text())))}
-    return ids
+
+def grid_cells(results_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """grid name -> {cell id -> RunConfig} of the grids recorded in grids/*.json. A grid
+    recorded without data fingerprints was run before they existed: its cells carry
+    legacy ids."""
+    from .grid import GridConfig, cell_id, cells, legacy_cell_id
+
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(Path(results_dir).glob("grids/*.json")):
+        raw = json.loads(f.read_text())
+        grid = GridConfig(**raw)
+        out[grid.name] = {cell_id(c, grid.data_fingerprints) if "data_fingerprints" in raw else legacy_cell_id(c): c
+                          for c in cells(grid)}
+    return out
 
 
 def _paper_cells(rows: pd.DataFrame) -> pd.DataFrame:
@@ -231,7 +250,7 @@ def _save(fig, path: Path, caption: str) -> str:
     fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130)
+    fig.savefig(buf, format="png", dpi=130, metadata={"Software": None})  # no version stamp: same bytes on rerun
     atomic_write_bytes(path, buf.getvalue())
     _plt().close(fig)
     return caption
@@ -444,8 +463,11 @@ def _layer_gap(coll: Collected) -> tuple[float, float]:
 # --- the report ---------------------------------------------------------------------------------
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path | None = None, command: str | None = None) -> Path:
-    coll = collect(results_dir)
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, command: str | None = None,
+                 model: str | None = None) -> Path:
+    """The report of one results directory; of one `model`'s cells if given (see
+    crossmodel.py for several models)."""
+    coll = collect(results_dir, model)
     out = Path(out_dir) if out_dir else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     n_cells = len(coll.cells)

@@ -15,6 +15,8 @@ Data sources, in the order they are tried:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import random
@@ -180,6 +182,23 @@ def load_split(task: Task, split: str, data_dir: str | Path | None = None) -> li
         rows = _read_hub(task, split)
     check_rows(task, rows, split)
     return rows
+
+
+def data_fingerprint(task: Task, data_dir: str | Path) -> str:
+    """What `--data-dir` stands for, independent of where it lies: a hash of the train
+    and eval split files read from it (a copy elsewhere gives the same fingerprint)."""
+    files = [Path(data_dir) / task.name / f"{split}.jsonl" for split in (task.train_split, task.eval_split)]
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"missing data file {path}: --data-dir must hold {task.name}/{path.name} in the hub schema")
+    return "local-sha256:" + _files_sha256(tuple(str(f.resolve()) for f in files))
+
+
+@functools.lru_cache(maxsize=None)
+def _files_sha256(paths: tuple[str, ...]) -> str:
+    from .store import sha256_file
+
+    return hashlib.sha256("\n".join(sha256_file(Path(p)) for p in paths).encode()).hexdigest()[:32]
 
 
 def check_rows(task: Task, rows: list[dict[str, Any]], split: str) -> None:

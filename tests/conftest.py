@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from lens_iclgd.models import LoadedModel, has_kv_bias
 
 ROOT = Path(__file__).resolve().parents[1]
-# beside the repository; LENS_ICLGD_TEST_DATA points elsewhere (e.g. from a git worktree)
+# ../shared/data beside the repository; LENS_ICLGD_TEST_DATA points elsewhere (e.g. from a git worktree)
 SHARED_DATA = Path(os.environ.get("LENS_ICLGD_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 # Unit tests run on 1 thread: deterministic and fast for tiny matrices.
@@ -103,11 +103,15 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
 def tiny_hf_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama-architecture model saved as a local Hugging Face directory, so
     the real CLI can run end to end in seconds (and the local-directory loader is used)."""
+    folder = tmp_path_factory.mktemp("tiny_hf_model")  # no "llama" in the path: TL would branch on the name
+    return save_tiny_llama(folder, tokenizer, n_layers=2, seed=0)
+
+
+def save_tiny_llama(folder: Path, tokenizer, n_layers: int, seed: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny_hf_model")  # no "llama" in the path: TL would branch on the name
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.pad_token_id,
                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)

@@ -1,0 +1,199 @@
+"""Reports over several models: one report per model, and the models side by side.
+
+`write_reports` is what `lens-iclgd report` calls. With one model in the results it
+writes the one-model report of report.py unchanged. With several it writes that report
+for each model's cells alone in `<out>/<model>/` (so no table ever averages across
+models) and, in `<out>/report.md`, the cross-model section:
+
+- the premise: ICL - ZS accuracy per model and task (icl_gain.py);
+- Tables 1 and 2 side by side: each row's mean over tasks, one column per model;
+- the four PROTOCOL.md findings per model, with their verdicts against the paper;
+- fig_crossmodel_simam_delta.png: per-layer SimAM_delta of GD and LCGD per model on a
+  normalised depth axis (layer / (n_layers - 1));
+- per model: the k, n-test and seeds actually run, and per grid the compute time (sum
+  of the cells' timings.json `total`), peak memory and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import report as R
+from .grid import _fmt_time
+from .icl_gain import icl_gain_body, icl_gain_table
+from .store import atomic_write_bytes, atomic_write_text
+
+_VERDICT = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def model_slug(model: str) -> str:
+    """A model's report directory: the last path component of its name, file-safe."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", Path(model).name)
+
+
+def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, command: str | None = None,
+                  times: dict[str, Any] | None = None) -> Path:
+    """The report of `results_dir`: report.py's for one model, per-model reports plus the
+    cross-model report.md for several. Returns the report directory."""
+    out = Path(out_dir) if out_dir else Path(results_dir) / "report"
+    coll = R.collect(results_dir)
+    models = sorted({c["config"]["model"] for c in coll.cells})
+    if len(models) <= 1:
+        return R.write_report(results_dir, out, command)
+    per_model = {m: R.collect(results_dir, m) for m in models}
+    for m in models:
+        R.write_report(results_dir, out / model_slug(m), command, model=m)
+
+    lines = ["# lens-iclgd cross-model report", ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    lines += [f"Results: `{results_dir}`: {len(coll.cells)} finished cells"
+              + (f" of {coll.expected} defined by the grids here; {coll.missing} missing, {len(coll.failed)} failed"
+                 if coll.expected else "") + ". Only finished cells are reported.", "",
+              "Per-model reports (tables, figures, findings of each model's cells alone): "
+              + ", ".join(f"[{m}]({model_slug(m)}/report.md)" for m in models) + ".", ""]
+
+    gain = icl_gain_table(coll.cells)
+    atomic_write_bytes(out / "icl_gain.csv", gain.to_csv(index=False, float_format="%.4f").encode())
+    lines += ["## The premise: ICL - ZS accuracy per model", ""] + icl_gain_body(gain, times)
+
+    for name, make in (("Table 1", R.table1), ("Table 2", R.table2)):
+        table = side_by_side({m: make(c.rows) if not c.rows.empty else pd.DataFrame() for m, c in per_model.items()})
+        lines += [f"## {name}, mean over tasks, per model", ""]
+        if table.empty:
+            lines += ["No finished cells for this table.", ""]
+            continue
+        slug = name.lower().replace(" ", "")
+        atomic_write_bytes(out / f"crossmodel_{slug}.csv", table.to_csv(index=False, float_format="%.4f").encode())
+        shown = table.assign(**{m: [f"{v:.3f}" if pd.notna(v) else "" for v in table[m]] for m in models})
+        lines += [R._plain_markdown(shown), "",
+                  f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds).", ""]
+
+    lines += findings_side_by_side({m: R.findings(c) for m, c in per_model.items()})
+    caption = fig_simam_delta_depth(per_model, out / "fig_crossmodel_simam_delta.png")
+    lines += ["## Figure: per-layer SimAM_delta by depth", ""]
+    lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
+              if caption else ["No model has trained-model cells with GD and LCGD yet.", ""])
+    lines += ["## What was run, per model", ""]
+    grids = R.grid_cells(results_dir)
+    for m in models:
+        lines += run_summary(m, per_model[m], grids, Path(results_dir))
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out
+
+
+def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rows of every model's table (in first-seen order) x one column per model: the
+    row's mean over tasks."""
+    labels: list[str] = []
+    for t in tables.values():
+        if not t.empty:
+            labels += [r for r in t["row"] if r not in labels]
+    if not labels:
+        return pd.DataFrame()
+    out = pd.DataFrame({"row": labels})
+    for model, t in tables.items():
+        means = t.set_index("row")["mean_mean"] if not t.empty else pd.Series(dtype=float)
+        out[model] = [means.get(r, np.nan) for r in labels]
+    return out
+
+
+def findings_side_by_side(by_model: dict[str, list[str]]) -> list[str]:
+    """A verdict table (finding x model), then each finding's numbers per model."""
+    lines = ["## Findings (PROTOCOL.md) per model", "",
+             "Verdicts against the paper's findings; a finding a model does not reproduce is reported as such.", "",
+             "| finding | " + " | ".join(by_model) + " |", "|---|" + "---|" * len(by_model)]
+    numbered = {m: _by_number(f) for m, f in by_model.items()}
+    numbers = sorted({"1", "2", "3", "4"} | {n for f in numbered.values() for n in f})
+    for n in numbers:
+        verdicts = []
+        for m in by_model:
+            found = _VERDICT.findall(numbered[m].get(n, ""))
+            verdicts.append(found[-1] if found else "not available")
+        lines.append(f"| {n} | " + " | ".join(verdicts) + " |")
+    lines.append("")
+    for n in numbers:
+        lines += [f"**Finding {n}**", ""] + [f"- {m}: {numbered[m].get(n, 'not available')}" for m in by_model] + [""]
+    return lines
+
+
+def _by_number(findings: list[str]) -> dict[str, str]:
+    """'3. LCGD ...' -> {'3': 'LCGD ...'}; '3./4. Need ...' counts for 3 and 4."""
+    out = {}
+    for f in findings:
+        m = re.match(r"((?:\d\.)(?:/\d\.)*)\s*(.*)", f)
+        if m:
+            for n in m.group(1).rstrip(".").split("./"):
+                out[n.strip(".")] = m.group(2)
+    return out
+
+
+def fig_simam_delta_depth(per_model: dict[str, R.Collected], path: Path) -> str | None:
+    curves = {m: R._table2_cells(c) for m, c in per_model.items()}
+    curves = {m: cells for m, cells in curves.items() if cells}
+    if not curves:
+        return None
+    plt = R._plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (model, cells), color in zip(curves.items(), plt.cm.tab10.colors):
+        for method, style in (("gd", "-"), ("lcgd", "--")):
+            v = np.nanmean(R._per_layer(cells, method, "SimAM_delta"), 0)
+            depth = np.arange(len(v)) / max(len(v) - 1, 1)
+            ax.plot(depth, v, ls=style, marker="o", ms=3, color=color, label=f"{model} {method.upper()}")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("depth: layer / (n_layers - 1)")
+    ax.set_ylabel("SimAM_delta")
+    ax.set_title("Per-layer SimAM_delta of GD and LCGD, by model")
+    ax.legend(fontsize=7)
+    counts = ", ".join(f"{m} {len(c)}" for m, c in curves.items())
+    return R._save(fig, path, f"Solid: GD, dashed: LCGD. Mean over the trained-model GD+LCGD cells at the default "
+                              f"learning rate (tasks x seeds; cells: {counts}) of the per-layer mean over test examples.")
+
+
+def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]], results_dir: Path) -> list[str]:
+    """k, n-test and seeds actually run; per grid: cells, compute time, peak memory, machine."""
+    cells = coll.cells
+    lines = [f"### {model}", ""]
+    if not cells:
+        return lines + ["No finished cells.", ""]
+
+    def values(key: str) -> str:
+        return ", ".join(str(v) for v in sorted({c["config"][key] for c in cells}))
+
+    lines += [f"k requested {values('k_requested')}, effective {values('k_effective')}; n-test {values('n_test_effective')}; "
+              f"seeds {values('seed')}; tasks {', '.join(R._task_order(Path(c['config']['task']).stem for c in cells))}; "
+              f"baselines {values('baseline')}.", "",
+              "| grid | cells | compute (sum of cell totals) | peak RSS | machine, threads, torch |", "|---|---|---|---|---|"]
+    by_name = {Path(c["_path"]).name: c for c in cells}
+    groups = {g: [i for i in ids if i in by_name] for g, ids in grids.items()}
+    ungrouped = sorted(set(by_name) - {i for ids in groups.values() for i in ids})
+    if ungrouped:
+        groups["(no grid recorded)"] = ungrouped
+    for grid, ids in groups.items():
+        if not ids:
+            continue
+        timings = [_timings(Path(by_name[i]["_path"])) for i in sorted(ids)]
+        total = sum(t.get("total", 0.0) for t in timings)
+        peak = max((t.get("peak_rss_mb", 0) for t in timings), default=0)
+        envs = sorted({f"{e.get('machine')}, {e.get('threads')} threads, torch {e.get('torch')}"
+                       for e in (by_name[i].get("environment", {}) for i in ids)})
+        missing = sum(not t for t in timings)
+        lines.append(f"| {grid} | {len(ids)} | {_fmt_time(total)}" + (f" ({missing} without timings)" if missing else "")
+                     + f" | {peak} MB | {'; '.join(envs)} |")
+    return lines + ["", "Compute: the sum of the cells' own wall times (timings.json `total`); cells reusing "
+                        "another cell's recordings count only what they ran. Peak RSS: the largest process peak "
+                        "recorded by a cell.", ""]
+
+
+def _timings(cell_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cell_dir / "timings.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+

@@ -1,0 +1,284 @@
+"""The study at scale: portable cell ids, committed results, cross-model reports, the
+ICL-gain table and the submitit launcher, on tiny local models."""
+
+import dataclasses
+import json
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import SHARED_DATA, run_cli, save_tiny_llama
+from lens_iclgd.cli import main
+from lens_iclgd.errors import UserError
+from lens_iclgd.grid import cell_id, cells, legacy_cell_id, load_grid
+from lens_iclgd.report import collect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _grid_file(path: Path, models: list, data_dir: Path, **over) -> Path:
+    settings = {"name": "tiny", "models": [str(m) for m in models], "tasks": ["sst2"], "seeds": [0, 1],
+                "methods": ["gd", "lcgd"], "lrs": ["default"], "k": 3, "n_test": 6, "data_dir": str(data_dir)}
+    settings.update(over)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
+    return path
+
+
+def _data_copy(where: Path, tasks=("sst2",)) -> Path:
+    for t in tasks:
+        shutil.copytree(SHARED_DATA / t, where / t)
+    return where
+
+
+def _results(results_dir: Path) -> dict:
+    return {f.parent.name: f.read_bytes() for f in sorted((results_dir / "cells").glob("*/results.json"))}
+
+
+def _tree(root: Path) -> dict:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="session")
+def second_hf_dir(tmp_path_factory, tokenizer) -> Path:
+    """Another tiny model, with 3 layers: a second "model family" for cross-model reports."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_hf_other"), tokenizer, n_layers=3, seed=1)
+
+
+# --- 1. cell ids are portable across machines -------------------------------------------------
+
+
+def test_cell_ids_follow_the_data_not_its_path(tmp_path, tiny_hf_dir):
+    a, b, changed = (_data_copy(tmp_path / name) for name in ("a", "b", "changed"))
+    lines = (changed / "sst2" / "train.jsonl").read_text().splitlines(keepends=True)
+    (changed / "sst2" / "train.jsonl").write_text("".join(lines[1:]))  # one training row fewer
+
+    def ids(data_dir):
+        return [cell_id(c) for c in cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], data_dir)))]
+
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(changed) and len(set(ids(a)) & set(ids(changed))) == 0
+    (c,) = cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], a, seeds=[0])))
+    assert legacy_cell_id(c) != legacy_cell_id(cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], b, seeds=[0])))[0])
+    # without a data_dir the id is the one older versions gave (existing results stay valid)
+    assert cell_id(dataclasses.replace(c, data_dir=None)) == legacy_cell_id(dataclasses.replace(c, data_dir=None))
+    # the recorded fingerprint stands in for reading the data
+    assert cell_id(c, {"sst2": "local-sha256:0"}) != cell_id(c)
+    shutil.rmtree(a)
+    with pytest.raises(UserError, match="missing data file"):
+        cell_id(c)
+
+
+def test_grid_resumes_on_another_machine_and_adopts_legacy_cells(tmp_path, tiny_hf_dir):
+    a, b = _data_copy(tmp_path / "a"), _data_copy(tmp_path / "b")
+    results, scratch = tmp_path / "results", tmp_path / "scratch"
+    first = run_cli(["grid", str(_grid_file(tmp_path / "ga.toml", [tiny_hf_dir], a)), "--results", str(results),
+                     "--scratch", str(scratch)])
+    assert first.returncode == 0, first.stderr
+    assert not (results / "stages").exists() and list((scratch / "stages").glob("*.pt"))
+    done = _results(results)
+    assert len(done) == 2
+    recorded = json.loads((results / "grids" / "tiny.json").read_text())["data_fingerprints"]
+    assert set(recorded) == {"sst2"} and recorded["sst2"].startswith("local-sha256:")
+
+    # the same grid on "another machine": its data elsewhere, nothing to recompute
+    second = run_cli(["grid", str(_grid_file(tmp_path / "gb.toml", [tiny_hf_dir], b)), "--results", str(results)])
+    assert second.returncode == 0 and "2 already done, 0 to run" in second.stdout
+
+    # a results directory written before fingerprints: cells under legacy ids, grid json without them
+    grid = load_grid(tmp_path / "ga.toml")
+    for c in cells(grid):
+        (results / "cells" / cell_id(c)).rename(results / "cells" / legacy_cell_id(c))
+    del recorded
+    old = json.loads((results / "grids" / "tiny.json").read_text())
+    old.pop("data_fingerprints")
+    old["data_dir"] = str(a)
+    (results / "grids" / "tiny.json").write_text(json.dumps(old))
+    coll = collect(results)  # the report still counts them
+    assert len(coll.cells) == 2 and coll.missing == 0 and coll.stale == 0
+    resumed = run_cli(["grid", str(tmp_path / "ga.toml"), "--results", str(results), "--scratch", str(scratch)])
+    assert resumed.returncode == 0 and "2 finished cells renamed" in resumed.stdout and "0 to run" in resumed.stdout
+    assert _results(results) == done
+
+
+# --- 2./3. committed results and the cross-model report ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_model_results(tmp_path_factory, tiny_hf_dir, second_hf_dir):
+    """Trained and untrained, GD and LCGD, two seeds, for two models; data in a copy that
+    is deleted afterwards (a clean clone has no data)."""
+    root = tmp_path_factory.mktemp("two_models")
+    data = _data_copy(root / "data")
+    config = _grid_file(root / "two.toml", [tiny_hf_dir, second_hf_dir], data, name="two",
+                        baselines=["trained", "untrained"])
+    results = root / "results"
+    out = run_cli(["grid", str(config), "--results", str(results)], timeout=1800)  # 8 cells; slow on a busy machine
+    assert out.returncode == 0, out.stderr
+    shutil.rmtree(data)
+    return results
+
+
+def test_committed_layout_and_byte_for_byte_report(tmp_path, two_model_results):
+    # what git would commit from artifacts/results/, with the repository's .gitignore there
+    repo = tmp_path / "clone"
+    committed = repo / "artifacts" / "results"
+    shutil.copytree(two_model_results, committed)
+    shutil.copy(ROOT / "artifacts" / "results" / ".gitignore", committed / ".gitignore")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    tracked = subprocess.run([*git, "ls-files"], check=True, capture_output=True, text=True).stdout.split()
+    names = {Path(t).name for t in tracked if t != "artifacts/results/.gitignore"}
+    assert names == {"results.json", "timings.json", "two.json"}
+    assert len(tracked) == 1 + 1 + 2 * 8  # .gitignore, the grid, 8 cells
+    subprocess.run([*git, "commit", "-q", "-m", "results"], check=True)
+
+    # a clean clone: only the tracked files
+    clean = tmp_path / "clean"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clean)], check=True)
+    reports = []
+    for name in ("r1", "r2"):
+        proc = run_cli(["report", str(clean / "artifacts" / "results"), "--out", str(tmp_path / name), "--command-line", "cmd"])
+        assert proc.returncode == 0, proc.stderr
+        reports.append(_tree(tmp_path / name))
+    assert reports[0] == reports[1]
+    files = set(reports[0])
+    slugs = sorted(d for d in {f.split("/")[0] for f in files if "/" in f})
+    assert len(slugs) == 2
+    for slug in slugs:
+        assert {f"{slug}/report.md", f"{slug}/table1.csv", f"{slug}/table2.csv", f"{slug}/fig3_per_layer.png"} <= files
+    assert {"report.md", "icl_gain.csv", "fig_crossmodel_simam_delta.png", "crossmodel_table1.csv",
+            "crossmodel_table2.csv"} <= files
+    text = reports[0]["report.md"].decode()
+    assert "8 finished cells of 8 defined by the grids here; 0 missing" in text
+    assert "## Findings (PROTOCOL.md) per model" in text and "| 1 |" in text and "| 4 |" in text
+
+
+def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results):
+    """Every number of the side-by-side tables is that model's own report's mean column,
+    and each per-model report pools only its model's cells."""
+    out = tmp_path / "report"
+    assert run_cli(["report", str(two_model_results), "--out", str(out)]).returncode == 0
+    side = pd.read_csv(out / "crossmodel_table2.csv").set_index("row")
+    cells = [json.loads(f.read_text()) for f in sorted(two_model_results.glob("cells/*/results.json"))]
+    for model in side.columns:
+        own = [c for c in cells if c["config"]["model"] == model and c["config"]["baseline"] == "trained"]
+        assert len(own) == 2  # two seeds
+        # independent: the mean over seeds (one task) straight from results.json
+        gd_simaou = statistics.mean(c["metrics"]["gd"]["SimAOU"]["mean"] for c in own)
+        lcgd_acc = statistics.mean(c["accuracy"]["lcgd"] for c in own)
+        assert side.loc["SimAOU — GD", model] == pytest.approx(gd_simaou, abs=1e-4)
+        assert side.loc["accuracy — LCGD", model] == pytest.approx(lcgd_acc, abs=1e-4)
+        per_model = out / Path(model).name / "table2.csv"
+        assert pd.read_csv(per_model).set_index("row").loc["SimAOU — GD", "mean_mean"] == pytest.approx(gd_simaou, abs=1e-9)
+    # the two models differ, so a pooled table would have shown neither
+    assert side.loc["SimAOU — GD"].nunique() == 2
+    text = (out / "report.md").read_text()
+    for model in side.columns:
+        assert f"### {model}" in text
+    assert "k requested 3, effective 3; n-test 6; seeds 0, 1" in text
+    assert "| two | 4 |" in text  # the grid's cells per model, with their summed timings
+
+
+# --- 4. the ICL-gain table --------------------------------------------------------------------
+
+
+def test_icl_gain_table_and_default_model_rule(tmp_path, tiny_hf_dir, second_hf_dir):
+    data = SHARED_DATA
+    config = _grid_file(tmp_path / "icl.toml", [tiny_hf_dir, second_hf_dir], data, name="icl_gain", methods=["icl"],
+                        tasks=["sst2", "mr"], seeds=[0, 1, 2], k=2, n_test=8)
+    results = tmp_path / "results"
+    assert run_cli(["grid", str(config), "--results", str(results)]).returncode == 0
+    gain_dir = tmp_path / "icl_gain"
+    gain_dir.mkdir()
+    fast, slow = str(tiny_hf_dir), str(second_hf_dir)
+    (gain_dir / "make_run_times.toml").write_text(f'machine = "test box"\n[seconds]\n"{fast}" = 120\n"{slow}" = 400\n')
+    proc = run_cli(["report", str(results), "--out", str(tmp_path / "report"), "--icl-gain-out", str(gain_dir),
+                    "--command-line", "lens-iclgd grid icl.toml"])
+    assert proc.returncode == 0, proc.stderr
+
+    table = pd.read_csv(gain_dir / "icl_gain.csv", dtype={"k": str, "n_test": str})
+    assert list(table.columns) == ["model", "task", "zs", "icl", "gain", "gain_std", "seeds", "k", "n_test"]
+    assert len(table) == 2 * 3  # 2 models x (2 tasks + mean)
+    cells = [json.loads(f.read_text()) for f in results.glob("cells/*/results.json")]
+    for model in (fast, slow):
+        gains_by_seed = {}
+        for task in ("sst2", "mr"):
+            own = [c for c in cells if c["config"]["model"] == model and c["config"]["task"] == task]
+            zs, icl = [c["accuracy"]["zs"] for c in own], [c["accuracy"]["icl"] for c in own]
+            row = table[(table["model"] == model) & (table["task"] == task)].iloc[0]
+            assert row["zs"] == pytest.approx(statistics.mean(zs), abs=1e-4)
+            assert row["icl"] == pytest.approx(statistics.mean(icl), abs=1e-4)
+            assert row["gain"] == pytest.approx(statistics.mean(icl) - statistics.mean(zs), abs=1e-4)
+            assert row["gain_std"] == pytest.approx(statistics.stdev(i - z for i, z in zip(icl, zs)), abs=1e-4)
+            assert (row["seeds"], row["k"], row["n_test"]) == (3, "2", "8")
+            for c in own:
+                gains_by_seed.setdefault(c["config"]["seed"], []).append(c["accuracy"]["icl"] - c["accuracy"]["zs"])
+        mean = table[(table["model"] == model) & (table["task"] == "mean")].iloc[0]
+        per_task = table[(table["model"] == model) & (table["task"] != "mean")]
+        assert mean["gain"] == pytest.approx(per_task["gain"].mean(), abs=1e-4)
+        assert mean["gain_std"] == pytest.approx(statistics.stdev(statistics.mean(g) for g in gains_by_seed.values()), abs=1e-4)
+
+    md = (gain_dir / "icl_gain.md").read_text()
+    assert "lens-iclgd grid icl.toml" in md and "test box" in md
+    assert f"| {fast} | 120 | yes |" in md and f"| {slow} | 400 | no |" in md
+    assert f"**Verdict:** 1 model(s) qualify ({fast}); the default is **{fast}**" in md
+    # the cross-model report carries the same premise table
+    assert "## The premise: ICL - ZS accuracy per model" in (tmp_path / "report" / "report.md").read_text()
+
+
+# --- 5. the cluster launcher ------------------------------------------------------------------
+
+
+def test_submit_local_gives_the_uninterrupted_grid(tmp_path, tiny_hf_dir):
+    config = _grid_file(tmp_path / "g.toml", [tiny_hf_dir], SHARED_DATA, seeds=[0, 1, 2], lrs=[0.01])
+    whole, submitted = tmp_path / "whole", tmp_path / "submitted"
+    assert run_cli(["grid", str(config), "--results", str(whole)]).returncode == 0
+    proc = run_cli(["grid", str(config), "--results", str(submitted), "--submit", "local", "--jobs", "2", "--time", "20"])
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted 2 local job(s)" in proc.stdout and "shard 1/2:" in proc.stdout
+    assert _results(submitted) == _results(whole) and len(_results(whole)) == 3
+    assert list((submitted / "submitit").rglob("*_log.out"))
+    assert run_cli(["report", str(submitted)]).returncode == 0
+    assert collect(submitted).missing == 0
+
+
+def test_slurm_executor_gets_the_requested_resources(tmp_path, monkeypatch, capsys):
+    from submitit.slurm import slurm
+
+    from lens_iclgd.launch import Resources, make_executor
+
+    res = Resources(jobs=4, partition="gpu-long", time_min=90, gpus_per_job=1, cpus_per_job=8, mem_gb=32)
+    config = _grid_file(tmp_path / "g.toml", ["gemma-3-270m"], SHARED_DATA)
+    assert main(["grid", str(config), "--results", str(tmp_path / "r"), "--submit", "slurm"]) == 1
+    err = capsys.readouterr().err
+    assert "Run on a SLURM login node" in err and len(err.splitlines()) == 1
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # pretend srun exists
+    executor = make_executor("slurm", tmp_path / "submitit" / "%j", res, "lens-iclgd-x")
+    params = executor._executor.parameters
+    assert (params["partition"], params["time"], params["gpus_per_node"], params["cpus_per_task"]) == ("gpu-long", 90, 1, 8)
+    assert params["array_parallelism"] == 4
+    sbatch = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("#SBATCH --partition=gpu-long", "#SBATCH --time=90", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --job-name=lens-iclgd-x",
+                 "export OMP_NUM_THREADS=8"):
+        assert line in sbatch, line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--submit", "local", "--shard", "0/2"], "--shard and --submit exclude each other"),
+    (["--submit", "local", "--jobs", "0"], "--jobs must be an integer >= 1"),
+    (["--submit", "local", "--mem-gb", "-1"], "--mem-gb -1.0 must be a positive number"),
+])
+def test_bad_launcher_flags(tmp_path, capsys, args, message):
+    config = _grid_file(tmp_path / "g.toml", ["gemma-3-270m"], SHARED_DATA)
+    assert main(["grid", str(config), "--results", str(tmp_path / "r"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r" / "submitit").exists()
