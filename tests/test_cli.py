@@ -60,6 +60,10 @@ CASES = {
     "bad ablation": (lambda tmp, m: ["--ablate", "3:5"], "cannot parse ablation"),
     "ablation out of range": (lambda tmp, m: [*SST2, "--model", m, "--ablate", "9.0"], "has layers 0..1"),
     "nan during training": (lambda tmp, m: [*SST2, "--model", m, "--lr", "1e38", "--k", "2"], "loss became"),
+    "unknown step unit": (lambda tmp, m: ["--step-unit", "word"], "invalid choice: 'word'"),
+    "lr word": (lambda tmp, m: ["--lr", "fast"], "'fast' is not a number"),
+    "balanced without rows of a label": (lambda tmp, m: ["--task", _bad_task(tmp, answers='["Negative", "Positive", "neutral"]'),
+                                                         "--model", m, "--k", "3", "--balanced"], "--balanced needs 1 training rows of label 2"),
 }
 
 
@@ -121,3 +125,16 @@ def test_bench_runs_both_pipelines_and_ends_with_the_speedup(tiny_hf_dir):
     assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
     assert "predictions identical: zs 100%, icl 100%" in out.stdout
     assert "matmul peak" in out.stdout and "peak memory" in out.stdout
+
+
+def test_token_steps_and_balanced_demos_are_recorded(tiny_hf_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["run", "--model", str(tiny_hf_dir), *SST2, "--k", "4", "--n-test", "6", "--lr", "0.01",
+                    "--step-unit", "token", "--balanced", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    c = r["config"]
+    assert c["step_unit"] == "token" and c["balanced"] is True
+    assert c["demo_label_counts"] == {"Negative": 2, "Positive": 2}
+    for m in ("gd", "lcgd"):
+        assert c["n_steps"][m] == len(r["grad_norms"][m][0]) == len(r["losses"][m]) > c["k_effective"]

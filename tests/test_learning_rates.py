@@ -145,3 +145,22 @@ def test_lr_auto_on_a_custom_task_file_from_the_cli(tmp_path, tiny_hf_dir):
     assert proc.returncode == 0, proc.stderr
     c = json.loads((tmp_path / "b" / "results.json").read_text())["config"]
     assert c["n_heldout"] == 32 and set(c["lr_auto"]["gd"]["curve"]) == {"1e-05", "3e-05", "0.0001", "0.0003"}
+
+
+def test_table2_at_own_and_at_shared_rates_keeps_the_cells_apart():
+    from lens_iclgd.report import COLUMNS, table2
+
+    rows = []
+    for rule, lcgd_acc in (("default", 0.6), ("shared", 0.4)):
+        for task in ("sst2", "mr"):
+            for method, acc in (("gd", 0.7), ("lcgd", lcgd_acc)):
+                rows.append({c: None for c in COLUMNS} | {
+                    "cell": f"{rule}-{task}", "model": "m", "baseline": "trained", "task": task, "seed": 0,
+                    "lr_rule": rule, "lr_default": rule == "default", "plain": True, "ablate": "", "method": method,
+                    "acc_zs": 0.5, "acc_icl": 0.5, "acc_ft": acc, "SimAOU": 0.1})
+    # a cell with another step unit (or balanced demonstrations) stays out of the table
+    rows += [{**r, "cell": "token-mr", "plain": False, "acc_ft": 0.0} for r in rows[:2]]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    own, shared = table2(frame), table2(frame, "shared")
+    lcgd = lambda t: t.set_index("row").loc["accuracy — LCGD", "mean_mean"]
+    assert lcgd(own) == pytest.approx(0.6) and lcgd(shared) == pytest.approx(0.4)
