@@ -6,14 +6,14 @@ and writes to the report directory:
 
 - table1.md/.csv: SimAOU (and SimAOU_norm, SimAM_delta) of vanilla GD for the trained,
   untrained and embeddings-retained models; rows settings, columns tasks + mean;
-- table2.md/.csv: GD vs LCGD (SimAOU, SimAM, SimAM_delta, alpha, accuracies), each method
-  at its own chosen learning rate; table2_shared.md/.csv: the same with every method at
-  GD's chosen rate (cells run with `lrs = ["shared"]`);
+- table2.md/.csv: GD vs LCGD (SimAOU, SimAM, SimAM_delta, alpha, accuracies);
 - fig2_alpha.png, fig3_per_layer.png, fig4_grad_norms.png, fig_lr.png (learning-rate
   curves), fig_ablation.png (per-layer ablation sweep), each with a caption;
 - chosen_learning_rates.toml: per-task learning rates of each method from the lr_sweep
   cells, chosen by that method's accuracy on held-out training examples (never by a
   similarity metric; lr_rule.py);
+- Table 2 is at each method's own chosen learning rate; table2_shared.md/.csv is the same
+  with every method at GD's chosen rate (cells run with `lrs = ["shared"]`);
 - report.md: all of the above and the four findings of PROTOCOL.md, checked.
 
 Cells: mean over seeds with the standard deviation over seeds; the "mean" column
