@@ -44,6 +44,10 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _lr(text: str) -> float | str:
+    return text if text in ("auto", "shared") else _float(text)
+
+
 def _methods(text: str) -> tuple[str, ...]:
     return tuple(m.strip().lower() for m in text.split(",") if m.strip())
 
@@ -61,7 +65,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=_int, default=32, help="demonstrations (paper: 32; fewer if the context is too short)")
     p.add_argument("--seed", type=_int, default=0, help="picks and orders the demonstrations; seeds re-initialisation")
     p.add_argument("--n-test", type=_int, default=2000, help="test examples (the paper caps at 2000)")
-    p.add_argument("--lr", type=_float, default=None, help="SGD learning rate (default: per model and task)")
+    p.add_argument("--lr", type=_lr, default=None,
+                   help="SGD learning rate, or auto (chosen now on held-out training examples, per method), or shared "
+                        "(GD's chosen rate for every method) (default: each method's chosen rate per model and task)")
     p.add_argument("--data-dir", default=None, help="directory with <task>/<split>.jsonl (hub schema), e.g. ../shared/data")
     p.add_argument("--position", default=DEFAULT_POSITION, choices=POSITIONS, help="recorded position (default: answer, as the original code)")
     p.add_argument("--ablate", default="", help="components to ablate in every setting, e.g. 3.5,7.*,attn4,mlp2")
@@ -69,6 +75,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-heldout", type=_int, default=0, help="held-out train examples scored after finetuning")
     p.add_argument("--batch-size", type=_int, default=16)
     add_compute_args(p)
+    p.add_argument("--step-unit", default="demo", choices=("demo", "token"),
+                   help="one SGD step per demonstration (default, the paper's code) or per next-token target")
+    p.add_argument("--balanced", action="store_true", help="demonstrations with an equal count per label (default: plain random sample)")
 
 
 def _config_from_args(args) -> "RunConfig":
@@ -78,7 +87,7 @@ def _config_from_args(args) -> "RunConfig":
         task=args.task, model=args.model, baseline=args.baseline, methods=args.methods, k=args.k,
         seed=args.seed, n_test=args.n_test, lr=args.lr, data_dir=args.data_dir, position=args.position,
         ablate=args.ablate, ablate_mode=args.ablate_mode, n_heldout=args.n_heldout, batch_size=args.batch_size,
-        precision=args.precision, device=args.device,
+        precision=args.precision, device=args.device, step_unit=args.step_unit, balanced=args.balanced,
     )
 
 

@@ -5,6 +5,11 @@ biases where the pretrained model has them; GQA models hold them in `attn._W_K`,
 `attn._W_V`); plain SGD, batch size 1, one pass over the k demonstrations in ICL order;
 the loss of a demonstration is the next-token cross-entropy summed over all its tokens.
 
+Step unit: `demo` (the paper's code, the default) takes one SGD step per demonstration on
+that summed loss; `token` (the paper's text for LCGD, "one token at a time") takes one step
+per next-token target, in order, each on a fresh forward of the demonstration up to the
+input position with the weights the previous steps left.
+
 - GD: the usual loss on the model's output.
 - LCGD: the sum over layers l of the cross-entropy of `unembed(ln_final(resid_post_l))`,
   with the model's own frozen `ln_final`/`unembed`, and every layer's input detached
@@ -38,6 +43,7 @@ from .recording import Hook
 from .vocab import linear_cross_entropy
 
 METHODS = ("gd", "lcgd")
+STEP_UNITS = ("demo", "token")
 
 
 def _unembed_loss(model: HookedTransformer, resid: Float[Tensor, "n d_model"], targets: Tensor) -> Tensor:
@@ -46,10 +52,18 @@ def _unembed_loss(model: HookedTransformer, resid: Float[Tensor, "n d_model"], t
     return linear_cross_entropy(x, model.unembed.W_U, model.unembed.b_U, targets, model.cfg.output_logits_soft_cap)
 
 
-def gd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1"]:
+def _scored(rows: Float[Tensor, "pos d"], tokens: Int[Tensor, "1 pos"], next_token: Int[Tensor, "1"] | None):
+    """The positions a loss scores and their targets: every next token of `tokens`, or
+    (token unit) only the last position's prediction of `next_token`."""
+    if next_token is None:
+        return rows[:-1], tokens[0, 1:]
+    return rows[-1:], next_token
+
+
+def gd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], next_token: Tensor | None = None) -> Float[Tensor, "1"]:
     """Vanilla GD: the summed next-token loss of the model's output (one 'layer')."""
     resid = model(tokens, attention_mask=torch.ones_like(tokens), stop_at_layer=model.cfg.n_layers)[0]
-    return _unembed_loss(model, resid[:-1], tokens[0, 1:]).sum()[None]
+    return _unembed_loss(model, *_scored(resid, tokens, next_token)).sum()[None]
 
 
 def layer_outputs(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> list[Float[Tensor, "1 pos d_model"]]:
@@ -68,29 +82,30 @@ def layer_outputs(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> lis
     return resid_post
 
 
-def lcgd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "layer"]:
+def lcgd_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], next_token: Tensor | None = None) -> Float[Tensor, "layer"]:
     """LCGD: each layer's own summed next-token loss through ln_final/unembed, every
     layer's input detached."""
-    resid_post = [r[0, :-1] for r in layer_outputs(model, tokens)]
+    scored = [_scored(r[0], tokens, next_token) for r in layer_outputs(model, tokens)]
+    resid_post = [rows for rows, _ in scored]
     # All layers in one projection: the unembedding is read once per step, not once per layer.
-    targets = tokens[0, 1:].repeat(len(resid_post))
+    targets = scored[0][1].repeat(len(resid_post))
     per_token = _unembed_loss(model, torch.cat(resid_post), targets)
     return per_token.view(len(resid_post), -1).sum(-1)
 
 
-def reference_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], method: str) -> Float[Tensor, "layer"]:
+def reference_losses(model: HookedTransformer, tokens: Int[Tensor, "1 pos"], method: str,
+                     next_token: Tensor | None = None) -> Float[Tensor, "layer"]:
     """The straightforward version (benchmark baseline): TransformerLens's own unembed,
     full [pos, vocab] logits for every layer, F.cross_entropy."""
     import torch.nn.functional as F
     from transformer_lens.utilities.activation_functions import apply_softcap
 
-    targets = tokens[0, 1:]
     if method == "gd":
-        logits = model(tokens, attention_mask=torch.ones_like(tokens))[0, :-1]
+        logits, targets = _scored(model(tokens, attention_mask=torch.ones_like(tokens))[0], tokens, next_token)
         return F.cross_entropy(logits, targets, reduction="sum")[None]
     cap = model.cfg.output_logits_soft_cap  # applied as the model's own forward does
-    logits = [apply_softcap(model.unembed(model.ln_final(r)), cap)[0, :-1] for r in layer_outputs(model, tokens)]
-    return torch.stack([F.cross_entropy(x, targets, reduction="sum") for x in logits])
+    scored = [_scored(apply_softcap(model.unembed(model.ln_final(r)), cap)[0], tokens, next_token) for r in layer_outputs(model, tokens)]
+    return torch.stack([F.cross_entropy(x, t, reduction="sum") for x, t in scored])
 
 
 _LOSSES = {"gd": gd_losses, "lcgd": lcgd_losses}
@@ -102,6 +117,27 @@ class FinetuneLog:
     lr: float
     losses: Float[Tensor, "step layer"]  # GD: one column; LCGD: one per layer
     grad_norms: Float[Tensor, "layer step"]  # L2 norm of each layer's K/V gradient
+    step_unit: str = "demo"  # a step per demonstration, or per next-token target
+
+
+def check_step_unit(step_unit: str) -> None:
+    if step_unit not in STEP_UNITS:
+        raise UserError(f"unknown step unit {step_unit!r}: use demo (one SGD step per demonstration) or token")
+
+
+def sgd_steps(demos: Sequence[list[int]], bos: list[int], step_unit: str,
+              device: torch.device | str = "cpu") -> list[tuple[Tensor, Tensor | None]]:
+    """(input tokens, next token or None) of every SGD step, in ICL order. Demo unit: the
+    whole demonstration, all its next tokens scored. Token unit: for each target t of a
+    demonstration, the tokens before it, and t."""
+    steps = []
+    for demo in demos:
+        tokens = torch.tensor([bos + demo], device=device)
+        if step_unit == "demo":
+            steps.append((tokens, None))
+        else:
+            steps += [(tokens[:, :t], tokens[0, t : t + 1]) for t in range(1, tokens.shape[1])]
+    return steps
 
 
 def check_method(method: str) -> None:
@@ -119,6 +155,7 @@ def train(
     hooks: Sequence[Hook] = (),
     reference: bool = False,
     precision: str = FLOAT32,
+    step_unit: str = "demo",
 ) -> FinetuneLog:
     """One SGD pass over the demonstrations, updating K/V in place (see `finetuned`).
     `reference=True` uses the straightforward losses on plain TransformerLens.
@@ -127,8 +164,10 @@ def train(
     (float32): autocast computes in bfloat16 from float32 master weights."""
     check_method(method)
     check_lr(lr)
+    check_step_unit(step_unit)
     if not demos:
         raise UserError("finetuning needs at least one demonstration")
+    steps = sgd_steps(demos, bos, step_unit)
     layers = kv_parameters(model, kv_bias)
     trained = [p for params in layers.values() for _, p in params]
     was_trainable = {p: p.requires_grad for p in model.parameters()}
@@ -138,15 +177,16 @@ def train(
         p.requires_grad_(True)
         p.grad = None
     dev = model_device(model)
-    losses, norms = [], torch.zeros(model.cfg.n_layers, len(demos), device=dev)
+    steps = sgd_steps(demos, bos, step_unit, dev)
+    losses, norms = [], torch.zeros(model.cfg.n_layers, len(steps), device=dev)
     try:
         with model.hooks(fwd_hooks=list(hooks)), (nullcontext() if reference else fast_forward(model)):
-            for step, demo in bar(enumerate(demos), f"{method} training", total=len(demos), unit="step"):
-                tokens = torch.tensor([bos + demo], device=dev)
+            for step, (tokens, next_token) in bar(enumerate(steps), f"{method} training", total=len(steps), unit="step"):
                 # a fresh autocast region per step: its cached low-precision copies of
                 # the trained weights must not outlive the update below
                 with computing(precision, dev):
-                    loss = reference_losses(model, tokens, method) if reference else _LOSSES[method](model, tokens)
+                    loss = (reference_losses(model, tokens, method, next_token) if reference
+                            else _LOSSES[method](model, tokens, next_token))
                 bad = (~torch.isfinite(loss.detach())).nonzero()
                 if len(bad):
                     layer = int(bad[0]) if method == "lcgd" else None
@@ -165,7 +205,7 @@ def train(
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
             p.grad = None
-    return FinetuneLog(method, lr, torch.stack(losses).float().cpu() if losses else torch.zeros(0, 1, device="cpu"), norms.cpu())
+    return FinetuneLog(method, lr, torch.stack(losses).float().cpu() if losses else torch.zeros(0, 1, device="cpu"), norms.cpu(), step_unit)
 
 
 @contextmanager
@@ -179,13 +219,14 @@ def finetuned(
     hooks: Sequence[Hook] = (),
     reference: bool = False,
     precision: str = FLOAT32,
+    step_unit: str = "demo",
 ) -> Iterator[FinetuneLog]:
     """Train K/V in place for the duration of the block, then restore the original
     weights (cheaper than copying the whole model: K/V are a few % of it)."""
     params = [p for ps in kv_parameters(model, kv_bias).values() for _, p in ps]
     saved = [p.detach().clone() for p in params]
     try:
-        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference, precision)
+        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference, precision, step_unit)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

@@ -36,6 +36,7 @@ from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
 from .precision import DEFAULT_PRECISION, FLOAT32, policy
 from .progress import bar
 from .recording import DEFAULT_POSITION
+from .lr_rule import AUTO_LRS
 from .runner import RunConfig, default_lr, run
 from .store import atomic_write_json, check_writable, config_key, read_toml, remove_stale_temp_files
 from .tasks import data_fingerprint, load_split, load_task
@@ -51,7 +52,8 @@ class GridConfig:
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["trained"])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = dataclasses.field(default_factory=lambda: ["gd", "lcgd"])
-    lrs: list[float | None] = dataclasses.field(default_factory=lambda: [None])  # None: per-task default
+    # None ("default"): each method's chosen rate; "shared": GD's for all; "auto": chosen per cell
+    lrs: list[float | str | None] = dataclasses.field(default_factory=lambda: [None])
     ablations: list[str] = dataclasses.field(default_factory=lambda: [""])
     ablate_mode: str = "zero"
     k: int = 32
@@ -65,11 +67,14 @@ class GridConfig:
     device: str = DEFAULT_DEVICE
     # task -> fingerprint of the data_dir files, filled by run_grid (not a config key)
     data_fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    step_unit: str = "demo"
+    balanced: bool = False
 
 
 _LISTS = {"tasks": str, "models": str, "baselines": str, "seeds": int, "methods": str, "lrs": (int, float, str), "ablations": str}
 _SCALARS = {"name": str, "ablate_mode": str, "k": int, "n_test": int, "n_heldout": int, "position": str,
-            "batch_size": int, "data_dir": str, "description": str, "precision": str, "device": str}
+            "batch_size": int, "data_dir": str, "description": str, "precision": str, "device": str,
+            "step_unit": str, "balanced": bool}
 
 
 def load_grid(path: str | Path) -> GridConfig:
@@ -86,16 +91,18 @@ def load_grid(path: str | Path) -> GridConfig:
             if not isinstance(v, list) or not v or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
                 raise UserError(f"grid config {path}: {key} must be a non-empty list of {getattr(kind, '__name__', 'numbers')}")
     for key, kind in _SCALARS.items():
-        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
-            raise UserError(f"grid config {path}: {key} must be {'an integer' if kind is int else 'a string'}")
+        if key in raw and (not isinstance(raw[key], kind) or (isinstance(raw[key], bool) and kind is not bool)):
+            raise UserError(f"grid config {path}: {key} must be {'an integer' if kind is int else 'true or false' if kind is bool else 'a string'}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", raw["name"]):
         raise UserError(f"grid config {path}: name {raw['name']!r} must use only letters, digits, '_', '.', '-'")
     lrs = []
     for lr in raw.get("lrs", [None]):
         if lr == "default" or lr is None:
             lrs.append(None)
+        elif lr in ("shared", "auto"):
+            lrs.append(lr)
         elif isinstance(lr, str):
-            raise UserError(f"grid config {path}: lrs entries are numbers or \"default\", got {lr!r}")
+            raise UserError(f"grid config {path}: lrs entries are numbers, \"default\", \"shared\" or \"auto\", got {lr!r}")
         else:
             lrs.append(float(lr))
     raw["lrs"] = lrs
@@ -120,8 +127,8 @@ def cells(grid: GridConfig) -> list[RunConfig]:
                                 task=task, model=model, baseline=baseline, methods=tuple(grid.methods),
                                 k=grid.k, seed=seed, n_test=grid.n_test, lr=lr, data_dir=grid.data_dir,
                                 position=grid.position, ablate=ablate, ablate_mode=grid.ablate_mode,
-                                n_heldout=grid.n_heldout, batch_size=grid.batch_size,
-                                precision=grid.precision, device=grid.device))
+                                n_heldout=grid.n_heldout, batch_size=grid.batch_size, step_unit=grid.step_unit,
+                                balanced=grid.balanced, precision=grid.precision, device=grid.device))
     return out
 
 
@@ -150,10 +157,22 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     settings.pop("device")  # where a cell runs, not what it computes
     if settings.pop("precision") != FLOAT32:  # hashed by what it means, so redefining a preset reruns
         settings["precision_policy"] = policy(c.precision).as_dict()
-    if c.lr is None and c.ft_methods:  # "default": the id follows learning_rates.toml, so an edit there reruns
-        settings["lr_default"] = default_lr(c.model, load_task(c.task))[0]
-    lr = "default" if c.lr is None else f"{c.lr:g}"
+    for name, neutral in (("step_unit", "demo"), ("balanced", False)):  # hashed only when set: old ids stay valid
+        if settings[name] == neutral:
+            settings.pop(name)
+    if c.lr in (None, "shared") and c.ft_methods:  # the id follows learning_rates.toml, so an edit there reruns
+        task = load_task(c.task)
+        rates = {m: default_lr(c.model, task, m, shared=c.lr == "shared")[0] for m in c.ft_methods}
+        # one number when every method shares it (the ids of cells from before per-method rates)
+        settings["lr_default"] = rates.popitem()[1] if len(set(rates.values())) == 1 else rates
+    if c.lr == "auto":
+        settings["lr_auto_grid"] = list(AUTO_LRS)
+    lr = "default" if c.lr is None else c.lr if isinstance(c.lr, str) else f"{c.lr:g}"
     readable = f"{Path(c.model).name}__{c.baseline}__{Path(c.task).stem}__seed{c.seed}__lr{lr}"
+    if c.step_unit != "demo":
+        readable += f"__step-{c.step_unit}"
+    if c.balanced:
+        readable += "__balanced"
     if c.ablate:
         readable += f"__ablate-{c.ablate_mode}-{c.ablate}"
     if c.precision != FLOAT32:

@@ -100,16 +100,19 @@ def build_prompts(
     seed: int,
     n_test: int,
     n_heldout: int = 0,
+    balanced: bool = False,
 ) -> PromptSet:
     """Sample and order demonstrations by `seed`, pick the test examples, tokenize, and
     keep the longest prefix of demonstrations that fits the context together with the
-    longest test prompt (PROTOCOL.md)."""
+    longest test prompt (PROTOCOL.md). `balanced`: an equal count per label
+    (tasks.demo_indices)."""
     check_int("seed", seed, -(2**63))
     for name, value, minimum in (("k", k, 1), ("n_test", n_test, 1), ("n_heldout", n_heldout, 0)):
         check_int(name, value, minimum)
     bos, sep = bos_tokens(model), encode(model, SEPARATOR)
     options = answer_options(model, task)
-    demo_idx, heldout_idx = demo_indices(len(train_rows), k, seed, n_heldout)
+    labels = [int(r[task.label_field]) for r in train_rows] if balanced else None
+    demo_idx, heldout_idx = demo_indices(len(train_rows), k, seed, n_heldout, labels, len(task.answers))
     demos = [encode(model, task.demonstration(train_rows[i])) for i in demo_idx]
 
     def query(rows: list[dict[str, Any]], i: int) -> Query:

@@ -9,8 +9,11 @@ and writes to the report directory:
 - table2.md/.csv: GD vs LCGD (SimAOU, SimAM beside ZS SimAM, SimAM_delta, alpha, accuracies);
 - fig2_alpha.png, fig3_per_layer.png, fig4_grad_norms.png, fig_lr.png (learning-rate
   curves), fig_ablation.png (per-layer ablation sweep), each with a caption;
-- chosen_learning_rates.toml: per-task learning rates from the lr_sweep cells, chosen by
-  GD accuracy on held-out demonstrations (never by a similarity metric);
+- chosen_learning_rates.toml: per-task learning rates of each method from the lr_sweep
+  cells, chosen by that method's accuracy on held-out training examples (never by a
+  similarity metric; lr_rule.py);
+- Table 2 is at each method's own chosen learning rate; table2_shared.md/.csv is the same
+  with every method at GD's chosen rate (cells run with `lrs = ["shared"]`);
 - report.md: all of the above and the four findings of PROTOCOL.md, checked.
 
 Cells: mean over seeds with the standard deviation over seeds; the "mean" column
@@ -30,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .lr_rule import best_lr, format_table
 from .store import atomic_write_bytes, atomic_write_text
 
 METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
@@ -38,7 +42,7 @@ BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings"
 TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
 
-COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "ablate", "k", "n_test",
+COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "plain", "ablate", "k", "n_test",
            "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS]
 
 
@@ -77,7 +81,9 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
         c = r["config"]
         base = {
             "cell": f.parent.name, "model": c["model"], "baseline": c["baseline"], "task": Path(c["task"]).stem,
-            "seed": c["seed"], "lr": c["lr"], "lr_default": c.get("lr_source") not in (None, "--lr"),
+            "seed": c["seed"], "lr": c["lr"], "lr_default": _lr_rule(c) == "default", "lr_rule": _lr_rule(c),
+            # the paper's step unit and sampling; cells with other settings stay out of the tables
+            "plain": c.get("step_unit", "demo") == "demo" and not c.get("balanced", False),
             "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
             "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
             "alpha": (r.get("alpha") or {}).get("mean"),
@@ -86,7 +92,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
         if not r["metrics"]:
             rows.append({**base, "method": "icl"})
         for method, m in r["metrics"].items():
-            row = {**base, "method": method, "acc_ft": r["accuracy"][method],
+            row = {**base, "method": method, "acc_ft": r["accuracy"][method], "lr": (c.get("lr_by_method") or {}).get(method, c["lr"]),
                    "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
             row.update({name: (m.get(name) or {}).get("mean") for name in METRICS})  # older results lack some
             if "SimAOU_random_matched" not in m:  # older results: their SimAOU_random was the matched variant
@@ -101,6 +107,11 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
     done = {Path(c["_path"]).name for c in cells} | {f["_cell"] for f in failed}
     return Collected(pd.DataFrame(rows, columns=COLUMNS), cells, len(expected), failed,
                      missing=len(expected.keys() - done), stale=n_files - len(cells))
+
+
+def _lr_rule(config: dict) -> str:
+    """default / shared / auto / --lr (cells from before per-method rates: default or --lr)."""
+    return config.get("lr_rule") or ("default" if config.get("lr_source") not in (None, "--lr") else "--lr")
 
 
 def _expected_cells(results_dir: Path) -> dict[str, Any]:
@@ -123,15 +134,15 @@ def grid_cells(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _paper_cells(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows at the default (per-task) learning rate and without ablation: what the
-    tables, figures 2-4 and the findings are about."""
-    return rows[rows["lr_default"] & (rows["ablate"] == "")]
+def _paper_cells(rows: pd.DataFrame, rule: str = "default") -> pd.DataFrame:
+    """Rows at the chosen learning rates (`rule`: each method's own, or "shared": GD's),
+    without ablation: what the tables, figures 2-4 and the findings are about."""
+    return rows[(rows["lr_rule"] == rule) & rows["plain"] & (rows["ablate"] == "")]
 
 
 def _sweep_cells(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows of the learning-rate sweep: an explicit learning rate, no ablation."""
-    return rows[~rows["lr_default"] & (rows["ablate"] == "")]
+    return rows[(rows["lr_rule"] == "--lr") & rows["plain"] & (rows["ablate"] == "")]
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -197,8 +208,9 @@ def table1(rows: pd.DataFrame) -> pd.DataFrame:
     return seed_table(gd, keys) if len(gd) else pd.DataFrame()
 
 
-def table2(rows: pd.DataFrame) -> pd.DataFrame:
-    t = _paper_cells(rows)[lambda r: r["baseline"] == "trained"]
+def table2(rows: pd.DataFrame, rule: str = "default") -> pd.DataFrame:
+    """GD vs LCGD; `rule` "default": each method at its own chosen rate, "shared": at GD's."""
+    t = _paper_cells(rows, rule)[lambda r: r["baseline"] == "trained"]
     t = t[t["cell"].isin(set(t[t["method"] == "gd"]["cell"]) & set(t[t["method"] == "lcgd"]["cell"]))]
     if t.empty:
         return pd.DataFrame()
@@ -216,18 +228,17 @@ def table2(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, task): the lr with the best mean GD accuracy on held-out training
-    examples (ties: the largest such lr, the strongest update that does not hurt).
-    Similarity metrics play no part."""
-    sweep = _sweep_cells(rows)[lambda r: (r["method"] == "gd") & r["heldout_acc"].notna()]
+    """Per (model, task, method): the lr with the best mean accuracy of that method on
+    held-out training examples (ties: the largest such lr, the strongest update that does
+    not hurt). Similarity metrics play no part."""
+    sweep = _sweep_cells(rows)[lambda r: r["method"].isin(["gd", "lcgd"]) & r["heldout_acc"].notna()]
     if sweep.empty:
         return pd.DataFrame()
     out = []
-    for (model, task), sub in sweep.groupby(["model", "task"]):
+    for (model, task, method), sub in sweep.groupby(["model", "task", "method"]):
         by_lr = sub.groupby("lr")["heldout_acc"].mean()
-        best = by_lr.max()
-        lr = max(l for l, a in by_lr.items() if a >= best - 1e-9)
-        out.append({"model": model, "task": task, "lr": lr, "heldout_acc": best,
+        lr = best_lr(by_lr.to_dict())
+        out.append({"model": model, "task": task, "method": method, "lr": lr, "heldout_acc": by_lr[lr],
                     "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
     return pd.DataFrame(out)
 
@@ -279,7 +290,8 @@ def _per_layer(cells: list[dict], method: str, metric: str) -> np.ndarray:
 
 def _table2_cells(coll: Collected) -> list[dict]:
     return [c for c in coll.cells if c["config"]["baseline"] == "trained" and not c["config"].get("ablate")
-            and c["config"].get("lr_source") not in (None, "--lr") and {"gd", "lcgd"} <= set(c["metrics"])]
+            and _lr_rule(c["config"]) == "default" and c["config"].get("step_unit", "demo") == "demo"
+            and not c["config"].get("balanced") and {"gd", "lcgd"} <= set(c["metrics"])]
 
 
 def fig_per_layer(coll: Collected, path: Path) -> str | None:
@@ -490,8 +502,13 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                   f"{', '.join(map(str, ns))}.", ""]
 
     sections = [("Table 1: vanilla GD against the model baselines", "table1", table1(coll.rows) if not coll.rows.empty else pd.DataFrame()),
-                ("Table 2: GD vs LCGD on the trained model", "table2", table2(coll.rows) if not coll.rows.empty else pd.DataFrame())]
+                ("Table 2: GD vs LCGD on the trained model, each method at its own chosen learning rate", "table2",
+                 table2(coll.rows) if not coll.rows.empty else pd.DataFrame()),
+                ("Table 2 (shared rate): GD vs LCGD on the trained model, both at GD's chosen learning rate", "table2_shared",
+                 table2(coll.rows, "shared") if not coll.rows.empty else pd.DataFrame())]
     for title, name, table in sections:
+        if name == "table2_shared" and table.empty:
+            continue  # only when cells were run with lrs = ["shared"]
         lines += [f"## {title}", ""]
         if table.empty:
             lines += ["No finished cells for this table.", ""]
@@ -509,16 +526,13 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
 
     lrs = choose_learning_rates(coll.rows) if not coll.rows.empty else pd.DataFrame()
     if not lrs.empty:
-        toml = ["# Chosen by: the best mean GD accuracy on held-out training examples (ties: largest lr).", ""]
-        for model, sub in lrs.groupby("model"):
-            toml.append(f'["{model}"]')
-            toml += [f"{r.task} = {r.lr:g}  # held-out accuracy {r.heldout_acc:.3f}" for r in sub.itertuples()]
-        atomic_write_text(out / "chosen_learning_rates.toml", "\n".join(toml) + "\n")
+        header = "Chosen by: per method, the best mean accuracy of that method on held-out training examples (ties: largest lr)."
+        atomic_write_text(out / "chosen_learning_rates.toml", format_table(lrs.to_dict("records"), header))
         lines += ["## Learning rates chosen from the sweep", "",
-                  "Rule: per task, the learning rate with the best mean GD accuracy on training examples held out "
-                  "from the demonstrations (ties: the largest); similarity metrics play no part.", "",
-                  "| model | task | lr | held-out acc | curve (lr: acc) |", "|---|---|---|---|---|"]
-        lines += [f"| {r.model} | {r.task} | {r.lr:g} | {r.heldout_acc:.3f} | {r.curve} |" for r in lrs.itertuples()]
+                  "Rule: per task and method, the learning rate with the best mean accuracy of that method on training "
+                  "examples held out from the demonstrations (ties: the largest); similarity metrics play no part.", "",
+                  "| model | task | method | lr | held-out acc | curve (lr: acc) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.model} | {r.task} | {r.method.upper()} | {r.lr:g} | {r.heldout_acc:.3f} | {r.curve} |" for r in lrs.itertuples()]
         lines.append("")
 
     figures = [("fig2_alpha.png", lambda p: fig_alpha(coll.rows, p)), ("fig3_per_layer.png", lambda p: fig_per_layer(coll, p)),

@@ -33,9 +33,10 @@ import torch
 from . import metrics as M
 from .ablation import ablation_hooks, parse_ablation
 from .device import DEFAULT_DEVICE, resolve_device
-from .errors import UserError, check_int, check_lr
+from .errors import TrainingDiverged, UserError, check_int, check_lr
 from .finetune import METHODS as FT_METHODS
-from .finetune import FinetuneLog, check_method, finetuned
+from .finetune import FinetuneLog, check_method, check_step_unit, finetuned
+from .lr_rule import AUTO_HELDOUT, AUTO_LRS, best_lr, chosen_rate
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
 from .precision import DEFAULT_PRECISION, FLOAT32, check_precision, policy, within_fidelity
 from .prompts import PromptSet, build_prompts
@@ -61,7 +62,9 @@ class RunConfig:
     k: int = 32
     seed: int = 0
     n_test: int = 2000  # the paper caps the eval split at 2,000
-    lr: float | None = None  # None: the per-(model, task) default, see learning_rates.toml
+    # None: each method's chosen rate (learning_rates.toml); "shared": GD's chosen rate for
+    # every method; "auto": chosen now on held-out training examples (lr_rule.py)
+    lr: float | str | None = None
     data_dir: str | None = None
     position: str = DEFAULT_POSITION
     ablate: str = ""  # e.g. "3.5,7.*,attn4,mlp2" (see ablation.py)
@@ -71,6 +74,8 @@ class RunConfig:
     batch_size: int = 16
     precision: str = DEFAULT_PRECISION  # float32 | mixed | bfloat16 | a candidate (precision.py)
     device: str = DEFAULT_DEVICE  # auto | cpu | cuda[:i] | mps; where, never what: not in ids or keys
+    step_unit: str = "demo"  # one SGD step per demonstration (the paper's code) or per token
+    balanced: bool = False  # demonstrations with an equal count per label (else a plain random sample)
 
     def validate(self) -> "RunConfig":
         """Check types and ranges before any compute; return a normalised copy."""
@@ -81,8 +86,12 @@ class RunConfig:
         check_int("seed", self.seed, -(2**63))
         for name, minimum in (("k", 1), ("n_test", 1), ("n_heldout", 0), ("order", 0), ("batch_size", 1)):
             check_int(name, getattr(self, name), minimum)
-        if self.lr is not None:
+        if isinstance(self.lr, str):
+            need(self.lr in ("shared", "auto"), f"lr must be a number > 0, \"auto\" or \"shared\", got {self.lr!r}")
+        elif self.lr is not None:
             check_lr(self.lr)
+        check_step_unit(self.step_unit)
+        need(isinstance(self.balanced, bool), f"balanced must be true or false, got {self.balanced!r}")
         methods = tuple(self.methods)
         need(len(methods) > 0, "methods is empty: give some of icl, gd, lcgd")
         for m in methods:
@@ -97,23 +106,39 @@ class RunConfig:
             raise UserError(f"data directory {self.data_dir} does not exist: pass --data-dir with <task>/<split>.jsonl files")
         # ICL is always recorded when a finetuning method is: every metric compares to it.
         ordered = tuple(m for m in SETTINGS if m in methods or (m == "icl" and set(methods) & set(FT_METHODS)))
-        return dataclasses.replace(self, methods=ordered, lr=float(self.lr) if self.lr is not None else None)
+        lr = self.lr if self.lr is None or isinstance(self.lr, str) else float(self.lr)
+        # --lr auto scores held-out training examples; 32 unless the user chose a number
+        n_heldout = AUTO_HELDOUT if lr == "auto" and not self.n_heldout and set(ordered) & set(FT_METHODS) else self.n_heldout
+        return dataclasses.replace(self, methods=ordered, lr=lr, n_heldout=n_heldout)
 
     @property
     def ft_methods(self) -> tuple[str, ...]:
         return tuple(m for m in self.methods if m in FT_METHODS)
 
 
-def default_lr(model: str, task: Task) -> tuple[float, str]:
-    """The learning rate when none is given: the per-model table chosen by the lr_sweep
-    rule if it has this (model, task), else the paper's value for its 1.3B model."""
+def default_lr(model: str, task: Task, method: str = "gd", shared: bool = False) -> tuple[float, str]:
+    """The learning rate when none is given, and where it came from: the method's own rate
+    chosen by the lr_sweep rule (learning_rates.toml), else GD's chosen rate (always so with
+    `shared`), else the paper's value for its 1.3B model."""
     table = tomllib.loads(LEARNING_RATES_FILE.read_text()) if LEARNING_RATES_FILE.exists() else {}
-    chosen = table.get(model, {}).get(task.name)
-    if chosen is not None:
-        return float(chosen), f"{LEARNING_RATES_FILE.name} [{model}]"
+    name = LEARNING_RATES_FILE.name
+    own = None if shared else chosen_rate(table, model, task.name, method)
+    if own is not None:
+        return own[0], f"{name} {own[1]}"
+    gd = chosen_rate(table, model, task.name, "gd")
+    if gd is not None:
+        if method == "gd":
+            return gd[0], f"{name} {gd[1]}"
+        why = "shared: GD's chosen rate" if shared else f"GD's chosen rate: no {method} rate chosen for {task.name}"
+        return gd[0], f"{name} {gd[1]} ({why})"
     if task.paper_lr is not None:
         return task.paper_lr, "paper (1.3B model)"
-    raise UserError(f"task {task.name} has no default learning rate: pass --lr")
+    raise UserError(f"task {task.name} has no default learning rate for {model}: pass --lr <rate> or --lr auto")
+
+
+def lr_rule_of(lr: float | str | None) -> str:
+    """How a run's rates are set: "default" (each method's chosen rate), "shared", "auto", "--lr"."""
+    return "default" if lr is None else lr if isinstance(lr, str) else "--lr"
 
 
 @dataclass
@@ -128,29 +153,84 @@ class Inputs:
     hooks: list = field(default_factory=list)
     ablation: list[dict] = field(default_factory=list)
     lr_source: str = "--lr"
+    lr_rule: str = "--lr"  # see lr_rule_of
+    lr_by_method: dict[str, float] = field(default_factory=dict)
+    lr_sources: dict[str, str] = field(default_factory=dict)
+    lr_auto: dict[str, Any] | None = None  # --lr auto: {method: {"chosen", "curve"}}
+
+
+def resolve_lrs(inp: Inputs, lrs: dict[str, tuple[float, str]]) -> None:
+    """Set each finetuning method's rate and source; config.lr keeps one number for old
+    readers: GD's rate when GD runs, else the first method's."""
+    inp.lr_by_method = {m: lr for m, (lr, _) in lrs.items()}
+    inp.lr_sources = {m: src for m, (_, src) in lrs.items()}
+    if lrs:
+        first = "gd" if "gd" in lrs else next(iter(lrs))
+        inp.config = dataclasses.replace(inp.config, lr=inp.lr_by_method[first])
+        sources = set(inp.lr_sources.values())
+        inp.lr_source = sources.pop() if len(sources) == 1 else "; ".join(f"{m}: {s}" for m, s in inp.lr_sources.items())
 
 
 def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
     """Load task data and model, build the prompts and ablation hooks; every input error
     surfaces here, before any recording or training."""
     task = load_task(config.task)
-    lr_source = "--lr"
-    if config.lr is None and config.ft_methods:
-        lr, lr_source = default_lr(config.model, task)
-        config = dataclasses.replace(config, lr=lr)
+    rule = lr_rule_of(config.lr)
+    if rule in ("default", "shared"):
+        lrs = {m: default_lr(config.model, task, m, shared=rule == "shared") for m in config.ft_methods}
+    else:  # "auto" is resolved by auto_learning_rates once the prompts exist
+        lrs = {m: (config.lr, "--lr") for m in config.ft_methods} if rule == "--lr" else {}
     train_rows = load_split(task, task.train_split, config.data_dir)
     eval_rows = load_split(task, task.eval_split, config.data_dir)
     if loaded is None:
         log.info("loading %s (%s baseline)", config.model, config.baseline)
         loaded = load_model(config.model, config.baseline, config.seed, device=config.device)
-    prompts = build_prompts(loaded.model, task, train_rows, eval_rows, config.k, config.seed, config.n_test, config.n_heldout)
+    prompts = build_prompts(loaded.model, task, train_rows, eval_rows, config.k, config.seed, config.n_test, config.n_heldout,
+                            balanced=config.balanced)
     if config.order:
         permute_demos(prompts, config.seed, config.order)
     if prompts.k < config.k:
         log.info("k=%d demonstrations do not fit the %d-token context; using the first %d", config.k, prompts.n_ctx, prompts.k)
     specs = parse_ablation(config.ablate, config.ablate_mode)
     hooks = ablation_hooks(loaded.model, specs, prompts) if specs else []
-    return Inputs(config, task, loaded, prompts, eval_rows, hooks, [s.describe() for s in specs], lr_source)
+    inp = Inputs(config, task, loaded, prompts, eval_rows, hooks, [s.describe() for s in specs], lr_rule=rule)
+    resolve_lrs(inp, lrs)
+    return inp
+
+
+def auto_learning_rates(inp: Inputs, store: StageStore | None, lrs: tuple[float, ...] = AUTO_LRS) -> dict[tuple[str, float], dict]:
+    """`--lr auto`: the lr_sweep rule on this cell's held-out training examples. Each
+    finetuning method is trained at every rate of `lrs` and scored on the held-out
+    examples; it then runs at its best rate (ties: the largest). Every (method, rate) is a
+    stage, so a rerun or a cell sharing the sweep reuses it. Returns the swept stages."""
+    if not inp.prompts.heldout:
+        raise UserError("--lr auto needs held-out training examples: set --n-heldout above 0")
+    for lr in lrs:
+        check_lr(lr)
+    swept, info = {}, {}
+    for m in inp.config.ft_methods:
+        curve: dict[float, float | None] = {}
+        for lr in lrs:
+            key = stage_keys(inp, {m: lr})[m]
+            stage = store.load(m, key) if store else None
+            if stage is None:
+                log.info("%s: lr %g on %d held-out examples (--lr auto)", m, lr, len(inp.prompts.heldout))
+                try:
+                    stage = compute_stage(inp, m, lr)
+                except TrainingDiverged:  # this rate is out; the others decide
+                    curve[lr] = None
+                    continue
+                if store:
+                    store.save(m, key, stage)
+            swept[(m, lr)] = stage
+            curve[lr] = stage["heldout"].accuracy()
+        if all(acc is None for acc in curve.values()):
+            raise UserError(f"--lr auto: {m} diverged at every learning rate of {', '.join(f'{x:g}' for x in lrs)}")
+        chosen = best_lr(curve)
+        info[m] = {"chosen": chosen, "curve": {f"{lr:g}": acc for lr, acc in curve.items()}}
+    resolve_lrs(inp, {m: (v["chosen"], f"--lr auto (best held-out accuracy of {len(lrs)} rates)") for m, v in info.items()})
+    inp.lr_auto = info
+    return swept
 
 
 def permute_demos(prompts: PromptSet, seed: int, order: int) -> None:
@@ -225,8 +305,9 @@ def orders_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def stage_keys(inp: Inputs) -> dict[str, str]:
-    """The identity of each stage: exactly what its numbers depend on."""
+def stage_keys(inp: Inputs, lrs: dict[str, float] | None = None) -> dict[str, str]:
+    """The identity of each stage: exactly what its numbers depend on. `lrs` overrides
+    the rate of some finetuning methods (the --lr auto sweep)."""
     c, p, lm = inp.config, inp.prompts, inp.loaded
     base = {
         "model": lm.name, "checksum": lm.checksum, "baseline": lm.baseline,
@@ -245,7 +326,11 @@ def stage_keys(inp: Inputs) -> dict[str, str]:
     icl = {**base, "prefix": config_key(p.icl_prefix())}
     keys["icl"] = config_key({**icl, "stage": "icl", **extra["icl"]})
     for m in FT_METHODS:
-        keys[m] = config_key({**icl, "stage": m, "lr": c.lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos), **extra[m]})
+        lr = (lrs or {}).get(m, inp.lr_by_method.get(m, c.lr))
+        ft = {**icl, "stage": m, "lr": lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos), **extra[m]}
+        if c.step_unit != "demo":  # only when not neutral: default stage keys stay as they were
+            ft["step_unit"] = c.step_unit
+        keys[m] = config_key(ft)
     return keys
 
 
@@ -267,7 +352,8 @@ def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str,
     else:
         check_method(stage)
         assert lr is not None
-        with finetuned(model, p.demos, p.bos, stage, lr, lm.kv_bias, inp.hooks, precision=pol.train) as ft_log:
+        with finetuned(model, p.demos, p.bos, stage, lr, lm.kv_bias, inp.hooks, precision=pol.train,
+                       step_unit=c.step_unit) as ft_log:
             out["recording"] = rec(p.zs_prefix(), p.queries, pol.eval)
             if p.heldout:
                 out["heldout"] = rec(p.zs_prefix(), p.heldout, pol.eval)
@@ -292,36 +378,39 @@ def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str
 
 
 def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None,
-        stages_dir: str | Path | None = None) -> dict[str, Any]:
+        stages_dir: str | Path | None = None, auto_lrs: tuple[float, ...] = AUTO_LRS) -> dict[str, Any]:
     """Run one cell end to end; write results to `out` (if given) and return them.
     Finished stages are kept in `stages_dir` (default `<out>/stages`), where a rerun, or
-    another cell sharing them, finds them."""
+    another cell sharing them, finds them. `auto_lrs`: the rates `lr="auto"` tries."""
     config = config.validate()
     if out is None:
-        return _run(config, None, loaded, stages_dir)
+        return _run(config, None, loaded, stages_dir, auto_lrs)
     with removed_if_empty_on_error(Path(out)):
         check_writable(Path(out))
-        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages")
+        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs)
 
 
-def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir) -> dict[str, Any]:
+def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir,
+         auto_lrs: tuple[float, ...] = AUTO_LRS) -> dict[str, Any]:
     t_start = time.perf_counter()
     if stages_dir is not None:
         remove_stale_temp_files(Path(stages_dir).parent)
     inp = prepare(config, loaded)
     c, p = inp.config, inp.prompts
     store = StageStore(Path(stages_dir)) if stages_dir is not None else None
+    swept = auto_learning_rates(inp, store, auto_lrs) if inp.lr_rule == "auto" and c.ft_methods else {}
+    c = inp.config
     keys = stage_keys(inp)
 
     stages: dict[str, dict[str, Any]] = {}
     for stage in ("zs",) + c.methods:
-        cached = store.load(stage, keys[stage]) if store else None
+        cached = store.load(stage, keys[stage]) if store else swept.get((stage, inp.lr_by_method.get(stage)))
         if cached is not None:
             log.info("%s: reusing the finished stage", stage)
             stages[stage] = cached
             continue
         log.info("%s: running on %d test examples%s", stage, len(p.queries), f" (k={p.k})" if stage != "zs" else "")
-        stages[stage] = compute_stage(inp, stage, c.lr)
+        stages[stage] = compute_stage(inp, stage, inp.lr_by_method.get(stage))
         if store:
             store.save(stage, keys[stage], stages[stage])
 
@@ -347,11 +436,15 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str
         **dataclasses.asdict(c), "methods": list(c.methods),
         "k_requested": p.k_requested, "k_effective": p.k, "n_test_effective": len(p.queries),
         "lr_source": inp.lr_source if c.ft_methods else None, "recorded_position": c.position,
+        "lr_rule": inp.lr_rule, "lr_by_method": inp.lr_by_method or None, "lr_source_by_method": inp.lr_sources or None,
+        **({"lr_auto": inp.lr_auto} if inp.lr_auto else {}),
+        "n_steps": {m: stages[m]["log"].grad_norms.shape[1] for m in c.ft_methods if m in stages},
         "recorded_position_meaning": "first token of the first answer option after the test prompt (original code)"
         if c.position == "answer" else "last token of the test prompt",
         "task_spec": inp.task.spec(), "separator": "\\n", "model_source": lm.source,
         "model_checksum_sha256": lm.checksum, "kv_bias_trained": lm.kv_bias, "ablation": inp.ablation,
         "demo_rows": p.demo_rows, "demo_labels": p.demo_labels,
+        "demo_label_counts": {a: p.demo_labels.count(i) for i, a in enumerate(inp.task.answers)},
         "eval_rows": [q.index for q in p.queries], "context_window": p.n_ctx,
         # per phase; beyond the default precision (the fastest within fidelity of float32) is opt-in
         "precision_policy": policy(c.precision).as_dict(), "precision_within_fidelity": within_fidelity(c.precision),
@@ -453,12 +546,19 @@ def write_results(out: Path, results: dict, examples: pd.DataFrame, per_layer: p
     atomic_write_json(out / "results.json", results)
 
 
+def _lr_text(c: dict) -> str:
+    lrs = c.get("lr_by_method") or {}
+    if len(set(lrs.values())) > 1:
+        return ", ".join(f"{m.upper()} {lr:g}" for m, lr in lrs.items()) + f" ({c['lr_rule']})"
+    return format(c["lr"], "g") if isinstance(c["lr"], (int, float)) else "-"
+
+
 def summary_table(results: dict) -> str:
     """A human-readable summary for stdout."""
     c = results["config"]
     lines = [
         f"task {c['task']} | model {c['model']} ({c['baseline']}) | k {c['k_effective']} (asked {c['k_requested']}) "
-        f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {'-' if c['lr'] is None else format(c['lr'], 'g')} | position {c['recorded_position']}",
+        f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {_lr_text(c)} | position {c['recorded_position']}",
         "accuracy: " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in results["accuracy"].items()),
     ]
     names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",

@@ -332,12 +332,36 @@ def eval_indices(n_rows: int, n_test: int) -> list[int]:
     return order[: min(n_test, EVAL_CAP)]
 
 
-def demo_indices(n_rows: int, k: int, seed: int, n_heldout: int = 0) -> tuple[list[int], list[int]]:
+def demo_indices(n_rows: int, k: int, seed: int, n_heldout: int = 0,
+                 labels: list[int] | None = None, n_labels: int | None = None) -> tuple[list[int], list[int]]:
     """The train split shuffled by the run's seed: the first k rows are the
-    demonstrations, the next n_heldout rows are held out (for choosing learning rates)."""
+    demonstrations, the next n_heldout rows are held out (for choosing learning rates).
+
+    With `labels` (the label id of every row; L = n_labels ids 0..L-1; `--balanced`): k // L
+    demonstrations of every label, plus one more for each of k % L labels drawn by the
+    seed; each label's demonstrations are its first rows in the seed's shuffle, kept in
+    that shuffled order. The held-out rows are the first n_heldout other rows of it."""
     if k + n_heldout > n_rows:
         what = f"k={k}" + (f" plus {n_heldout} held-out examples" if n_heldout else "")
         raise UserError(f"{what} is more than the {n_rows} training examples in the pool: lower --k")
     order = list(range(n_rows))
-    random.Random(seed).shuffle(order)
-    return order[:k], order[k : k + n_heldout]
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    if labels is None:
+        return order[:k], order[k : k + n_heldout]
+    n_labels = n_labels or max(labels) + 1
+    want = [k // n_labels] * n_labels
+    for label in rng.sample(range(n_labels), k % n_labels):
+        want[label] += 1
+    for label, n in enumerate(want):
+        have = labels.count(label)
+        if have < n:
+            raise UserError(f"--balanced needs {n} training rows of label {label} but there are {have}: lower --k or drop --balanced")
+    taken = [0] * n_labels
+    demos = []
+    for i in order:
+        if taken[labels[i]] < want[labels[i]]:
+            taken[labels[i]] += 1
+            demos.append(i)
+    chosen = set(demos)
+    return demos, [i for i in order if i not in chosen][:n_heldout]

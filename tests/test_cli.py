@@ -64,6 +64,10 @@ CASES = {
     "device not present": (lambda tmp, m: ["--device", "cuda:7"], "is not available here"),
     "unknown device": (lambda tmp, m: ["--device", "abacus"], "unknown device 'abacus'"),
     "unknown precision": (lambda tmp, m: ["--precision", "half"], "invalid choice: 'half'"),
+    "unknown step unit": (lambda tmp, m: ["--step-unit", "word"], "invalid choice: 'word'"),
+    "lr word": (lambda tmp, m: ["--lr", "fast"], "'fast' is not a number"),
+    "balanced without rows of a label": (lambda tmp, m: ["--task", _bad_task(tmp, answers='["Negative", "Positive", "neutral"]'),
+                                                         "--model", m, "--k", "3", "--balanced"], "--balanced needs 1 training rows of label 2"),
 }
 
 
@@ -162,3 +166,16 @@ def test_editable_install_is_quiet_and_ships_the_data_folders(tmp_path):
     assert "Warning" not in proc.stderr and "absent from the `packages`" not in proc.stderr, proc.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "lens_iclgd/tasks/sst2.toml" in names and "lens_iclgd/learning_rates.toml" in names
+
+
+def test_token_steps_and_balanced_demos_are_recorded(tiny_hf_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["run", "--model", str(tiny_hf_dir), *SST2, "--k", "4", "--n-test", "6", "--lr", "0.01",
+                    "--step-unit", "token", "--balanced", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    c = r["config"]
+    assert c["step_unit"] == "token" and c["balanced"] is True
+    assert c["demo_label_counts"] == {"Negative": 2, "Positive": 2}
+    for m in ("gd", "lcgd"):
+        assert c["n_steps"][m] == len(r["grad_norms"][m][0]) == len(r["losses"][m]) > c["k_effective"]

@@ -210,3 +210,61 @@ def test_overflowing_weights_stop_training(gqa_model, sst2_rows):
     p = _demos(gqa_model, sst2_rows)
     with pytest.raises(TrainingDiverged, match="gd loss became"):
         train(gqa_model.model, p.demos, p.bos, "gd", 1e38, False)
+
+
+def _plain_sgd(model, demos, bos, method, lr, step_unit):
+    """An independent SGD loop: plain TransformerLens forwards, F.cross_entropy on full
+    logits, per-layer losses block by block on detached inputs (LCGD), manual updates."""
+    kv = kv_parameters(model, False)
+    params = _only_kv_trainable(model, kv)
+    n_steps = 0
+    for demo in demos:
+        tokens = torch.tensor([bos + demo])
+        n = tokens.shape[1]
+        # demo unit: one step scoring every position; token unit: one step per target t
+        plan = [(n, list(range(n - 1)))] if step_unit == "demo" else [(t, [t - 1]) for t in range(1, n)]
+        for length, positions in plan:
+            inputs, targets = tokens[:, :length], tokens[0, [p + 1 for p in positions]]
+            if method == "gd":
+                loss = F.cross_entropy(model(inputs)[0, positions], targets, reduction="sum")
+            else:
+                _, cache = model.run_with_cache(inputs)
+                loss = sum(F.cross_entropy(model.unembed(model.ln_final(model.blocks[l](cache[f"blocks.{l}.hook_resid_pre"].detach())))[0, positions],
+                                           targets, reduction="sum") for l in range(model.cfg.n_layers))
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for q, g in zip(params, grads):
+                    q -= lr * g
+            n_steps += 1
+    return n_steps
+
+
+@pytest.mark.parametrize("method", ["gd", "lcgd"])
+def test_step_units_equal_a_plain_sgd_loop(tokenizer, sst2_rows, method):
+    lm = tiny_model(tokenizer, gqa=True)
+    p = _demos(lm, sst2_rows, k=2)
+    lr = 0.05
+    start = copy.deepcopy(lm.model)
+    trained = {}
+    for unit in ("demo", "token"):
+        model, ref = copy.deepcopy(start), copy.deepcopy(start)
+        log = train(model, p.demos, p.bos, method, lr, False, step_unit=unit)
+        n_ref = _plain_sgd(ref, p.demos, p.bos, method, lr, unit)
+        want_steps = p.k if unit == "demo" else sum(len(p.bos + d) - 1 for d in p.demos)
+        assert log.grad_norms.shape[1] == len(log.losses) == n_ref == want_steps
+        assert log.step_unit == unit
+        ref_params = dict(ref.named_parameters())
+        trained[unit] = {n: q.detach().clone() for n, q in model.named_parameters() if n in _kv(lm)}
+        for n, q in trained[unit].items():
+            assert torch.allclose(q, ref_params[n], atol=1e-6, rtol=1e-5), (unit, n)
+            assert not torch.equal(q, dict(start.named_parameters())[n]), (unit, n)
+    assert want_steps > p.k
+    assert any(not torch.allclose(trained["demo"][n], trained["token"][n], atol=1e-4) for n in trained["demo"])
+
+
+def test_unknown_step_unit(gqa_model, sst2_rows):
+    from lens_iclgd.errors import UserError
+
+    p = _demos(gqa_model, sst2_rows)
+    with pytest.raises(UserError, match="unknown step unit 'word'"):
+        train(gqa_model.model, p.demos, p.bos, "gd", 0.01, False, step_unit="word")

@@ -171,3 +171,28 @@ def test_ablation_sweep_report_table(tmp_path, tiny_hf_dir):
     assert none["SimAOU GD"] == pytest.approx(plain["metrics"]["gd"]["SimAOU"]["mean"], abs=1e-3)
     assert (table.iloc[1:]["acc_icl"] != none["acc_icl"]).any() or (table.iloc[1:]["SimAOU GD"] != none["SimAOU GD"]).any()
     assert "## Ablation sweep" in (report / "report.md").read_text() and (report / "fig_ablation.png").exists()
+
+
+def test_grid_keys_for_step_unit_balanced_and_lr_words(tmp_path, tiny_hf_dir):
+    plain = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01]))
+    (c0,) = cells(plain)
+    grid = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01, "auto"], step_unit="token", balanced=True))
+    token, auto = cells(grid)
+    assert (token.step_unit, token.balanced, token.lr, auto.lr) == ("token", True, 0.01, "auto")
+    assert "__step-token__balanced__" in cell_id(token) and cell_id(token) != cell_id(c0)
+    assert "__lrauto__" in cell_id(auto)
+    # the neutral values are not hashed: setting them explicitly keeps the id
+    explicit = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], step_unit="demo", balanced=False))
+    assert cell_id(cells(explicit)[0]) == cell_id(c0)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"step_unit": "word"}, "unknown step unit 'word'"),
+    ({"balanced": 1}, "balanced must be true or false"),
+    ({"lrs": ["fast"]}, "lrs entries are numbers, \"default\", \"shared\" or \"auto\""),
+])
+def test_bad_new_grid_keys(tmp_path, tiny_hf_dir, over, message):
+    from lens_iclgd.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_grid(_grid_file(tmp_path, tiny_hf_dir, **over))

@@ -141,3 +141,57 @@ def test_answer_words_with_identical_tokens(tokenizer, sst2_rows, tmp_path):
     task = load_task(str(path))
     with pytest.raises(UserError, match="tokenize to the same tokens"):
         build_prompts(tiny_model(tokenizer).model, task, load_split(task, "train"), load_split(task, "test"), 1, 0, 2)
+
+
+def _labels(n_rows: int, n_labels: int, seed: int = 7) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(n_labels) for _ in range(n_rows)]
+
+
+@pytest.mark.parametrize("k,n_labels", [(12, 3), (14, 3), (5, 2), (3, 5)])
+def test_balanced_demos_have_equal_counts_per_label(k, n_labels):
+    from collections import Counter
+
+    labels = _labels(300, n_labels)
+    demos, heldout = demo_indices(300, k, seed=3, n_heldout=20, labels=labels, n_labels=n_labels)
+    counts = Counter(labels[i] for i in demos)
+    assert len(demos) == len(set(demos)) == k
+    # k // L of every label; the k % L remaining demonstrations go to distinct labels
+    assert sorted(counts.get(l, 0) for l in range(n_labels)) == [k // n_labels] * (n_labels - k % n_labels) + [k // n_labels + 1] * (k % n_labels)
+    assert len(heldout) == 20 and not set(demos) & set(heldout)
+    # the same seed, the same demonstrations in the same order; another seed, others
+    assert demo_indices(300, k, seed=3, n_heldout=20, labels=labels, n_labels=n_labels) == (demos, heldout)
+    assert demo_indices(300, k, seed=4, n_heldout=20, labels=labels, n_labels=n_labels)[0] != demos
+    # the order is the seed's shuffle, so labels are interleaved rather than grouped
+    plain, _ = demo_indices(300, 300, seed=3)
+    assert demos == [i for i in plain if i in set(demos)]
+
+
+def test_balanced_remainder_labels_follow_the_seed():
+    labels = _labels(300, 3)
+    extra = set()
+    for seed in range(20):
+        demos, _ = demo_indices(300, 4, seed=seed, labels=labels, n_labels=3)
+        (label,) = [l for l in range(3) if sum(labels[i] == l for i in demos) == 2]
+        extra.add(label)
+    assert extra == {0, 1, 2}
+
+
+def test_balanced_with_too_few_rows_of_a_label():
+    labels = [0] * 50 + [1] * 3
+    with pytest.raises(UserError, match="--balanced needs 5 training rows of label 1 but there are 3") as err:
+        demo_indices(53, 10, seed=0, labels=labels, n_labels=2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="label 2 but there are 0"):  # a label with no rows at all
+        demo_indices(53, 6, seed=0, labels=labels, n_labels=3)
+
+
+def test_balanced_prompts_record_their_labels(tokenizer, sst2_rows):
+    lm = tiny_model(tokenizer)
+    task = load_task("sst2")
+    p = build_prompts(lm.model, task, sst2_rows["train"], sst2_rows["validation"], k=6, seed=0, n_test=4, n_heldout=5, balanced=True)
+    assert sorted(p.demo_labels) == [0, 0, 0, 1, 1, 1]
+    assert p.demo_labels == [sst2_rows["train"][i]["label"] for i in p.demo_rows]
+    assert not {q.index for q in p.heldout} & set(p.demo_rows)

@@ -1,0 +1,166 @@
+"""Learning rates per method: the chosen-rates table, the shared rate, `--lr auto`."""
+
+import json
+import tomllib
+
+import pandas as pd
+import pytest
+
+from conftest import SHARED_DATA, run_cli
+from lens_iclgd import runner
+from lens_iclgd.errors import UserError
+from lens_iclgd.finetune import finetuned
+from lens_iclgd.grid import cell_id
+from lens_iclgd.lr_rule import best_lr, chosen_rate, format_table
+from lens_iclgd.models import load_model
+from lens_iclgd.prompts import build_prompts
+from lens_iclgd.recording import record
+from lens_iclgd.report import choose_learning_rates
+from lens_iclgd.runner import RunConfig, default_lr, run
+from lens_iclgd.tasks import load_split, load_task
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    path = tmp_path / "learning_rates.toml"
+    monkeypatch.setattr(runner, "LEARNING_RATES_FILE", path)
+    return path
+
+
+def test_each_method_gets_its_own_rate_else_gd_rate_with_its_source(table):
+    sst2, mr, cb = load_task("sst2"), load_task("mr"), load_task("cb")
+    table.write_text('["m"]\nmr = 0.5\n\n["m".gd]\nsst2 = 0.01\n\n["m".lcgd]\nsst2 = 0.002\n')
+    assert default_lr("m", sst2, "gd") == (0.01, "learning_rates.toml [m.gd]")
+    assert default_lr("m", sst2, "lcgd") == (0.002, "learning_rates.toml [m.lcgd]")
+    # the flat table is GD's rate; LCGD without a rate of its own falls back to it, saying so
+    assert default_lr("m", mr, "gd") == (0.5, "learning_rates.toml [m]")
+    lr, source = default_lr("m", mr, "lcgd")
+    assert lr == 0.5 and "GD's chosen rate: no lcgd rate chosen for mr" in source
+    # shared: GD's chosen rate for every method, even one with its own
+    lr, source = default_lr("m", sst2, "lcgd", shared=True)
+    assert lr == 0.01 and "[m.gd]" in source and "shared" in source
+    # nothing chosen for the model: the paper's 1.3B rate, for every method
+    assert default_lr("other", cb, "lcgd") == (cb.paper_lr, "paper (1.3B model)")
+
+
+def test_custom_task_without_a_rate_points_at_lr_auto(table, tmp_path):
+    task_file = tmp_path / "t.toml"
+    task_file.write_text('name = "t"\ntemplate = "Text: {text} Label:"\nanswers = ["a", "b"]\n[files]\ntrain = "x.jsonl"\nvalidation = "x.jsonl"\n')
+    with pytest.raises(UserError, match="--lr auto"):
+        default_lr("m", load_task(str(task_file)), "gd")
+
+
+def test_best_lr_takes_the_largest_of_tied_rates_and_skips_diverged():
+    assert best_lr({1e-5: 0.5, 1e-4: 0.7, 3e-4: 0.7, 1e-3: 0.6}) == 3e-4
+    assert best_lr({1e-5: 0.5, 1e-4: None}) == 1e-5
+
+
+def test_choose_learning_rates_per_method_and_the_toml_round_trip():
+    rows = []
+    # held-out accuracy per (method, lr), two seeds each: GD peaks at 1e-4, LCGD at 1e-5
+    acc = {"gd": {1e-5: (0.5, 0.6), 1e-4: (0.8, 0.7), 3e-4: (0.4, 0.4)},
+           "lcgd": {1e-5: (0.6, 0.6), 1e-4: (0.3, 0.5), 3e-4: (0.6, 0.6)}}
+    for method, curve in acc.items():
+        for lr, per_seed in curve.items():
+            for seed, a in enumerate(per_seed):
+                rows.append({"model": "m", "task": "sst2", "seed": seed, "lr": lr, "lr_rule": "--lr", "plain": True,
+                             "ablate": "", "method": method, "heldout_acc": a})
+    rows.append({**rows[0], "lr_rule": "default", "heldout_acc": 1.0})  # not a sweep cell: ignored
+    chosen = choose_learning_rates(pd.DataFrame(rows))
+    got = {r.method: (r.lr, r.heldout_acc) for r in chosen.itertuples()}
+    assert got["gd"] == (1e-4, pytest.approx(0.75))
+    assert got["lcgd"] == (3e-4, pytest.approx(0.6))  # tie 1e-5 / 3e-4: the largest
+
+    text = format_table(chosen.to_dict("records"), "chosen here")
+    parsed = tomllib.loads(text)
+    for method, (lr, _) in got.items():
+        assert chosen_rate(parsed, "m", "sst2", method) == (lr, f"[m.{method}]")
+
+
+def test_cell_ids_follow_each_methods_rate(table, tiny_hf_dir):
+    base = RunConfig(task="sst2", model=str(tiny_hf_dir), methods=("gd", "lcgd"))
+    table.write_text(f'["{tiny_hf_dir}"]\nsst2 = 0.01\n')
+    flat = cell_id(base)
+    table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n')
+    assert cell_id(base) == flat  # the same rates, the same cell, in either shape
+    table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n["{tiny_hf_dir}".lcgd]\nsst2 = 0.003\n')
+    own = cell_id(base)
+    shared = cell_id(RunConfig(**{**base.__dict__, "lr": "shared"}))
+    assert len({flat, own, shared}) == 3 and "__lrshared__" in shared
+    table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n["{tiny_hf_dir}".lcgd]\nsst2 = 0.004\n')
+    assert cell_id(base) != own
+
+
+def test_results_record_the_rate_of_each_method(table, tiny_hf_dir):
+    table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n["{tiny_hf_dir}".lcgd]\nsst2 = 0.003\n')
+    loaded = load_model(str(tiny_hf_dir))
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=2, n_test=4, data_dir=str(SHARED_DATA))
+    own = run(cfg, None, loaded)["config"]
+    assert own["lr_by_method"] == {"gd": 0.01, "lcgd": 0.003} and own["lr"] == 0.01 and own["lr_rule"] == "default"
+    assert own["lr_source_by_method"]["lcgd"].endswith("[{}.lcgd]".format(tiny_hf_dir))
+    shared = run(RunConfig(**{**cfg.__dict__, "lr": "shared"}), None, loaded)["config"]
+    assert shared["lr_by_method"] == {"gd": 0.01, "lcgd": 0.01} and shared["lr_rule"] == "shared"
+
+
+def _heldout_accuracy(loaded, p, method, lr):
+    """Independently of the runner: train, score the held-out prompts, restore."""
+    with finetuned(loaded.model, p.demos, p.bos, method, lr, loaded.kv_bias):
+        return record(loaded.model, p.zs_prefix(), p.heldout, p.options).accuracy()
+
+
+def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
+    loaded = load_model(str(tiny_hf_dir))
+    lrs = (0.003, 0.03, 0.3, 1.0)
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(SHARED_DATA))
+    results = run(cfg, tmp_path / "run", loaded, auto_lrs=lrs)
+    task = load_task("sst2")
+    p = build_prompts(loaded.model, task, load_split(task, "train", SHARED_DATA), load_split(task, "validation", SHARED_DATA),
+                      k=3, seed=0, n_test=4, n_heldout=12)
+    c = results["config"]
+    for method in ("gd", "lcgd"):
+        curve = {lr: _heldout_accuracy(loaded, p, method, lr) for lr in lrs}
+        assert c["lr_auto"][method]["curve"] == {f"{lr:g}": pytest.approx(a) for lr, a in curve.items()}
+        best = max(curve.values())
+        assert c["lr_auto"][method]["chosen"] == max(lr for lr, a in curve.items() if a == best)
+        assert c["lr_by_method"][method] == c["lr_auto"][method]["chosen"]
+        assert results["heldout_accuracy"][method] == pytest.approx(best)
+    assert c["lr_rule"] == "auto"
+    # the chosen rate's stage is the sweep's: a rerun reuses all of them
+    again = run(cfg, tmp_path / "run", loaded, auto_lrs=lrs)
+    assert again["config"]["lr_auto"] == c["lr_auto"]
+
+
+def test_lr_auto_on_a_custom_task_file_from_the_cli(tmp_path, tiny_hf_dir):
+    rows = [json.loads(line) for line in (SHARED_DATA / "sst2" / "train.jsonl").read_text().splitlines()[:80]]
+    data = [{"review": r["sentence"], "label": r["label"]} for r in rows]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[:60]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[60:]))
+    task = tmp_path / "mine.toml"
+    task.write_text('name = "mine"\ntemplate = "Review: {review} Sentiment:"\nanswers = ["Negative", "Positive"]\n'
+                    'eval_split = "test"\n[files]\ntrain = "train.jsonl"\ntest = "test.jsonl"\n')
+    base = ["run", "--model", str(tiny_hf_dir), "--task", str(task), "--k", "2", "--n-test", "4", "--methods", "gd"]
+    no_rate = run_cli([*base, "--out", str(tmp_path / "a")])
+    assert no_rate.returncode == 1 and "--lr auto" in no_rate.stderr
+    proc = run_cli([*base, "--lr", "auto", "--out", str(tmp_path / "b")])
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads((tmp_path / "b" / "results.json").read_text())["config"]
+    assert c["n_heldout"] == 32 and set(c["lr_auto"]["gd"]["curve"]) == {"1e-05", "3e-05", "0.0001", "0.0003"}
+
+
+def test_table2_at_own_and_at_shared_rates_keeps_the_cells_apart():
+    from lens_iclgd.report import COLUMNS, table2
+
+    rows = []
+    for rule, lcgd_acc in (("default", 0.6), ("shared", 0.4)):
+        for task in ("sst2", "mr"):
+            for method, acc in (("gd", 0.7), ("lcgd", lcgd_acc)):
+                rows.append({c: None for c in COLUMNS} | {
+                    "cell": f"{rule}-{task}", "model": "m", "baseline": "trained", "task": task, "seed": 0,
+                    "lr_rule": rule, "lr_default": rule == "default", "plain": True, "ablate": "", "method": method,
+                    "acc_zs": 0.5, "acc_icl": 0.5, "acc_ft": acc, "SimAOU": 0.1})
+    # a cell with another step unit (or balanced demonstrations) stays out of the table
+    rows += [{**r, "cell": "token-mr", "plain": False, "acc_ft": 0.0} for r in rows[:2]]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    own, shared = table2(frame), table2(frame, "shared")
+    lcgd = lambda t: t.set_index("row").loc["accuracy — LCGD", "mean_mean"]
+    assert lcgd(own) == pytest.approx(0.6) and lcgd(shared) == pytest.approx(0.4)
