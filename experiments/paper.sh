@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The paper grids for the default model, in the order they depend on each other, and the
-# report under artifacts/. Resumable: rerun after an interruption and finished cells are
-# skipped. About 2 hours on a 2-core CPU (README, "Paper experiments").
-#   experiments/paper.sh [DATA_DIR] [RESULTS_DIR]
+# gemma-3-270m's paper grids (k 16), in the order they depend on each other. Finished
+# cells go to artifacts/results (committed: results.json + timings.json only), recordings
+# to SCRATCH_DIR; the report under artifacts/report covers every committed cell.
+# Resumable: rerun after an interruption and finished cells are skipped. About 2 hours on
+# a 2-core CPU (README, "Paper experiments").
+#   experiments/paper.sh [DATA_DIR] [SCRATCH_DIR]
 # With --update-lrs as first argument, the learning rates chosen from the lr_sweep are
 # written to lens_iclgd/learning_rates.toml before the grids that use the defaults.
 set -euo pipefail
@@ -10,16 +12,17 @@ cd "$(dirname "$0")/.."
 update_lrs=0
 if [ "${1:-}" = "--update-lrs" ]; then update_lrs=1; shift; fi
 data=${1:-../shared/data}
-results=${2:-runs/paper}
+results=artifacts/results
+scratch=${2:-runs/scratch}
 cli=${CLI:-.venv/bin/lens-iclgd}
 
-$cli grid experiments/lr_sweep.toml --data-dir "$data" --results "$results"
-$cli report "$results" --out "$results/report_lr"
+$cli grid experiments/lr_sweep.toml --data-dir "$data" --results "$results" --scratch "$scratch"
+$cli report "$results" --out "$scratch/report_lr"
 if [ $update_lrs = 1 ]; then
-  { sed -n '1,3p' lens_iclgd/learning_rates.toml; echo; cat "$results/report_lr/chosen_learning_rates.toml"; } > lens_iclgd/learning_rates.toml.new
+  { sed -n '1,3p' lens_iclgd/learning_rates.toml; echo; cat "$scratch/report_lr/gemma-3-270m/chosen_learning_rates.toml" 2>/dev/null || cat "$scratch/report_lr/chosen_learning_rates.toml"; } > lens_iclgd/learning_rates.toml.new
   mv lens_iclgd/learning_rates.toml.new lens_iclgd/learning_rates.toml
 fi
 for name in table2 table1 ablation; do
-  $cli grid "experiments/$name.toml" --data-dir "$data" --results "$results"
+  $cli grid "experiments/$name.toml" --data-dir "$data" --results "$results" --scratch "$scratch"
 done
-$cli report "$results" --out artifacts/report --command-line "experiments/paper.sh $data $results"
+$cli report "$results" --out artifacts/report --icl-gain-out artifacts/icl_gain --command-line "experiments/paper.sh $data $scratch"
