@@ -5,8 +5,8 @@
 # Resumable: rerun after an interruption and finished cells are skipped. About 2 hours on
 # a 2-core CPU (README, "Paper experiments").
 #   experiments/paper.sh [DATA_DIR] [SCRATCH_DIR]
-# With --update-lrs as first argument, the learning rates chosen from the lr_sweep are
-# written to lens_iclgd/learning_rates.toml before the grids that use the defaults.
+# With --update-lrs as first argument it stops after the lr_sweep and says where the
+# chosen learning rates are (to copy into lens_iclgd/learning_rates.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 update_lrs=0
@@ -18,9 +18,9 @@ cli=${CLI:-.venv/bin/lens-iclgd}
 
 $cli grid experiments/lr_sweep.toml --data-dir "$data" --results "$results" --scratch "$scratch"
 $cli report "$results" --out "$scratch/report_lr"
-if [ $update_lrs = 1 ]; then
-  { sed -n '1,3p' lens_iclgd/learning_rates.toml; echo; cat "$scratch/report_lr/gemma-3-270m/chosen_learning_rates.toml" 2>/dev/null || cat "$scratch/report_lr/chosen_learning_rates.toml"; } > lens_iclgd/learning_rates.toml.new
-  mv lens_iclgd/learning_rates.toml.new lens_iclgd/learning_rates.toml
+if [ $update_lrs = 1 ]; then  # the other models' tables in learning_rates.toml stay as they are
+  echo "chosen rates: $scratch/report_lr/*chosen_learning_rates.toml; copy gemma-3-270m's tables into lens_iclgd/learning_rates.toml, then rerun without --update-lrs"
+  exit 0
 fi
 for name in table2 table1 ablation; do
   $cli grid "experiments/$name.toml" --data-dir "$data" --results "$results" --scratch "$scratch"
