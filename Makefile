@@ -1,6 +1,6 @@
 # Two commands do everything, from a clean clone:
 #   make run    install, then run the main job on the offline default and print results
-#   make test   install, then run the tests (unit tests on tiny models + real gemma end to end)
+#   make test   install, then run the tests (tiny models + the real offline models end to end)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/lens-iclgd
