@@ -35,8 +35,8 @@ def test_gemma_prefix_cache_equals_full_prompt(gemma):
 
 def test_gemma_cli_end_to_end(tmp_path):
     out = tmp_path / "gemma"
-    proc = run_cli(["run", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--n-test", "8", "--k", "4",
-                    "--seed", "1", "--out", str(out)], timeout=1200)
+    proc = run_cli(["run", "--model", "gemma-3-270m", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--n-test", "8",
+                    "--k", "4", "--seed", "1", "--out", str(out)], timeout=1200)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     c = r["config"]
