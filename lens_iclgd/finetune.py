@@ -167,7 +167,6 @@ def train(
     check_step_unit(step_unit)
     if not demos:
         raise UserError("finetuning needs at least one demonstration")
-    steps = sgd_steps(demos, bos, step_unit)
     layers = kv_parameters(model, kv_bias)
     trained = [p for params in layers.values() for _, p in params]
     was_trainable = {p: p.requires_grad for p in model.parameters()}
