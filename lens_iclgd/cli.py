@@ -128,7 +128,8 @@ def cmd_grid(args) -> None:
             raise UserError("--shard and --submit exclude each other: --submit runs every shard (--jobs N)")
         res = Resources(args.jobs, args.partition, args.time, args.gpus_per_job, args.cpus_per_job, args.mem_gb)
         overrides = {key: getattr(args, key) for key in ("precision", "device") if getattr(args, key) is not None}
-        submit_grid(args.config, results, args.submit, res, args.data_dir, args.scratch, args.retry_failed, overrides)
+        submit_grid(args.config, results, args.submit, res, args.data_dir, args.scratch, args.retry_failed, overrides,
+                    _only(args))
         return
     grid = load_grid(args.config)
     if args.data_dir is not None:
@@ -136,7 +137,24 @@ def cmd_grid(args) -> None:
     for key in ("precision", "device"):  # the command line overrides the config's keys
         if getattr(args, key) is not None:
             setattr(grid, key, getattr(args, key))
-    run_grid(grid, results, args.shard, args.retry_failed, args.scratch)
+    run_grid(grid, results, args.shard, args.retry_failed, args.scratch, _only(args))
+
+
+def _only(args) -> dict[str, list]:
+    """--seeds 0,1 / --tasks sst2,mr as grid.select() takes them."""
+    only: dict[str, list] = {}
+    for key, kind in (("seeds", int), ("tasks", str)):
+        text = getattr(args, key)
+        if text is None:
+            continue
+        try:
+            only[key] = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--{key} {text!r}: use a comma-separated list, e.g. --{key} "
+                            + ("0,1" if kind is int else "sst2,mr")) from None
+        if not only[key]:
+            raise UserError(f"--{key} is empty: name at least one")
+    return only
 
 
 def cmd_report(args) -> None:
@@ -185,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="overrides the config's data_dir")
     p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint slices (0-based)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose training diverged")
+    p.add_argument("--seeds", default=None, help="only these seeds of the grid, e.g. 0 (seed 0 everywhere first)")
+    p.add_argument("--tasks", default=None, help="only these tasks of the grid, e.g. sst2,mr")
     from .precision import add_compute_args
 
     add_compute_args(p, unset=True)

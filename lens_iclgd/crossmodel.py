@@ -75,7 +75,8 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
         lines += [R._plain_markdown(shown), "",
                   f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds).", ""]
 
-    lines += findings_side_by_side({m: R.findings(c) for m, c in per_model.items()})
+    lines += findings_side_by_side({m: R.findings(c) for m, c in per_model.items()},
+                                   {m: findings_scale(c) for m, c in per_model.items()})
     caption = fig_simam_delta_depth(per_model, out / "fig_crossmodel_simam_delta.png")
     lines += ["## Figure: per-layer SimAM_delta by depth", ""]
     lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
@@ -104,11 +105,30 @@ def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return out
 
 
-def findings_side_by_side(by_model: dict[str, list[str]]) -> list[str]:
-    """A verdict table (finding x model), then each finding's numbers per model."""
+def findings_scale(coll: R.Collected) -> str:
+    """What a model's findings rest on: its cells at the chosen rates (tables 1 and 2)."""
+    rows = R._paper_cells(coll.rows)
+    rows = rows[rows["method"].isin(["gd", "lcgd"])].drop_duplicates("cell") if not rows.empty else rows
+    if rows.empty:
+        return "no cells at the chosen rates"
+
+    def span(col: str) -> str:
+        lo, hi = int(rows[col].min()), int(rows[col].max())
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    return (f"{len(rows)} cells: k {span('k')}, n-test {span('n_test')}, seeds "
+            f"{', '.join(map(str, sorted(rows['seed'].unique())))}, {rows['task'].nunique()} tasks, "
+            f"baselines {', '.join(sorted(rows['baseline'].unique()))}")
+
+
+def findings_side_by_side(by_model: dict[str, list[str]], scale: dict[str, str] | None = None) -> list[str]:
+    """A verdict table (finding x model), then each finding's numbers per model; `scale`:
+    per model, the cells the findings rest on (a first row)."""
     lines = ["## Findings (PROTOCOL.md) per model", "",
              "Verdicts against the paper's findings; a finding a model does not reproduce is reported as such.", "",
              "| finding | " + " | ".join(by_model) + " |", "|---|" + "---|" * len(by_model)]
+    if scale:
+        lines.append("| based on | " + " | ".join(scale.get(m, "") for m in by_model) + " |")
     numbered = {m: _by_number(f) for m, f in by_model.items()}
     numbers = sorted({"1", "2", "3", "4"} | {n for f in numbered.values() for n in f})
     for n in numbers:
@@ -169,7 +189,8 @@ def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]],
     lines += [f"k requested {values('k_requested')}, effective {values('k_effective')}; n-test {values('n_test_effective')}; "
               f"seeds {values('seed')}; tasks {', '.join(R._task_order(Path(c['config']['task']).stem for c in cells))}; "
               f"baselines {values('baseline')}.", "",
-              "| grid | cells | compute (sum of cell totals) | peak RSS | machine, threads, torch |", "|---|---|---|---|---|"]
+              "| grid | cells | k | n-test | seeds | compute (sum of cell totals) | peak RSS | machine, threads, torch |",
+              "|---|---|---|---|---|---|---|---|"]
     by_name = {Path(c["_path"]).name: c for c in cells}
     groups = {g: [i for i in ids if i in by_name] for g, ids in grids.items()}
     ungrouped = sorted(set(by_name) - {i for ids in groups.values() for i in ids})
@@ -184,7 +205,13 @@ def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]],
         envs = sorted({f"{e.get('machine')}, {e.get('threads')} threads, torch {e.get('torch')}"
                        for e in (by_name[i].get("environment", {}) for i in ids)})
         missing = sum(not t for t in timings)
-        lines.append(f"| {grid} | {len(ids)} | {_fmt_time(total)}" + (f" ({missing} without timings)" if missing else "")
+
+        def spread(key: str) -> str:
+            v = sorted({by_name[i]["config"][key] for i in ids})
+            return ", ".join(map(str, v)) if key == "seed" or len(v) == 1 else f"{v[0]}-{v[-1]}"
+
+        lines.append(f"| {grid} | {len(ids)} | {spread('k_effective')} | {spread('n_test_effective')} | {spread('seed')} | "
+                     f"{_fmt_time(total)}" + (f" ({missing} without timings)" if missing else "")
                      + f" | {peak} MB | {'; '.join(envs)} |")
     return lines + ["", "Compute: the sum of the cells' own wall times (timings.json `total`); cells reusing "
                         "another cell's recordings count only what they ran. Peak RSS: the largest process peak "

@@ -235,18 +235,32 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def select(grid: GridConfig, all_cells: list[RunConfig], only: dict[str, list] | None) -> list[RunConfig]:
+    """The cells whose seed/task is among `only`'s (e.g. {"seeds": [0]}: seed 0 of every
+    task first). The grid itself, and what `report` expects of it, stays whole."""
+    for key, value in (only or {}).items():
+        allowed = getattr(grid, key)
+        outside = [v for v in value if v not in allowed]
+        if outside:
+            raise UserError(f"--{key} {','.join(map(str, outside))}: not in grid {grid.name}'s {key} "
+                            f"({', '.join(map(str, allowed))})")
+    attr = {"seeds": "seed", "tasks": "task"}
+    return [c for c in all_cells if all(getattr(c, attr[k]) in v for k, v in (only or {}).items())]
+
+
 def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None = None, retry_failed: bool = False,
-             scratch_dir: str | Path | None = None) -> dict[str, int]:
-    """Run the unfinished cells of this shard; returns counts of done/failed/run cells.
-    Recordings go to `scratch_dir`/stages (default RESULTS/stages): results can then live
-    in a committed directory and the heavy recordings on a scratch disk."""
+             scratch_dir: str | Path | None = None, only: dict[str, list] | None = None) -> dict[str, int]:
+    """Run the unfinished cells of this shard (of the cells `only` selects, see select());
+    returns counts of done/failed/run cells. Recordings go to `scratch_dir`/stages
+    (default RESULTS/stages): results can then live in a committed directory and the
+    heavy recordings on a scratch disk."""
     results_dir = check_writable(Path(results_dir))
     stages_dir = (check_writable(Path(scratch_dir)) if scratch_dir is not None else results_dir) / "stages"
     remove_stale_temp_files(results_dir)  # left by a writer killed mid-write (kill -9)
     index, count = parse_shard(shard_spec)
     if grid.data_dir is not None:
         grid.data_fingerprints = {t: data_fingerprint(load_task(t), grid.data_dir) for t in grid.tasks}
-    mine = shard(cells(grid), index, count)
+    mine = shard(select(grid, cells(grid), only), index, count)
     adopted = sum(adopt_legacy_cell(results_dir, c) for c in mine)
     if adopted:
         print(f"grid {grid.name}: {adopted} finished cells renamed from their pre-fingerprint ids", flush=True)

@@ -79,7 +79,7 @@ def make_executor(cluster: str, folder: Path, res: Resources, name: str):
 
 def shard_command(config: Path, results_dir: Path, shard_spec: str, data_dir: str | None = None,
                   scratch_dir: str | None = None, retry_failed: bool = False,
-                  overrides: dict[str, str] | None = None) -> list[str]:
+                  overrides: dict[str, str] | None = None, only: dict[str, list] | None = None) -> list[str]:
     """The command one job runs: the grid CLI on its shard, with absolute paths."""
     cmd = [sys.executable, "-m", "lens_iclgd.cli", "grid", str(config.resolve()), "--results", str(results_dir.resolve()),
            "--shard", shard_spec]
@@ -91,6 +91,8 @@ def shard_command(config: Path, results_dir: Path, shard_spec: str, data_dir: st
         cmd.append("--retry-failed")
     for key, value in (overrides or {}).items():
         cmd += [f"--{key}", value]
+    for key, values in (only or {}).items():
+        cmd += [f"--{key}", ",".join(map(str, values))]
     return cmd
 
 
@@ -100,12 +102,14 @@ def _call(command) -> str:
 
 
 def submit_grid(config: str | Path, results_dir: str | Path, cluster: str, res: Resources, data_dir: str | None = None,
-                scratch_dir: str | None = None, retry_failed: bool = False, overrides: dict[str, str] | None = None) -> list:
+                scratch_dir: str | None = None, retry_failed: bool = False, overrides: dict[str, str] | None = None,
+                only: dict[str, list] | None = None) -> list:
     """Submit one job per shard; with the local executor, wait for them. Returns the jobs.
-    `overrides`: grid keys the command line sets (precision, device), passed to every job."""
+    `overrides`: grid keys the command line sets (precision, device), passed to every job;
+    `only`: the --seeds/--tasks selection (grid.select)."""
     from submitit.helpers import CommandFunction
 
-    from .grid import _check_inputs, cells, load_grid
+    from .grid import _check_inputs, cells, load_grid, select
 
     res.validate()
     grid = load_grid(config)  # a bad config or missing data fails here, not in N jobs
@@ -113,10 +117,11 @@ def submit_grid(config: str | Path, results_dir: str | Path, cluster: str, res: 
         grid.data_dir = data_dir
     for key, value in (overrides or {}).items():
         setattr(grid, key, value)
-    _check_inputs([c.validate() for c in cells(grid)])
+    _check_inputs([c.validate() for c in select(grid, cells(grid), only)])
     results_dir = check_writable(Path(results_dir))
     executor = make_executor(cluster, results_dir / "submitit" / "%j", res, f"lens-iclgd-{grid.name}")
-    commands = [CommandFunction(shard_command(Path(config), results_dir, f"{i}/{res.jobs}", data_dir, scratch_dir, retry_failed, overrides))
+    commands = [CommandFunction(shard_command(Path(config), results_dir, f"{i}/{res.jobs}", data_dir, scratch_dir, retry_failed,
+                                               overrides, only))
                 for i in range(res.jobs)]
     jobs = executor.map_array(_call, commands)
     print(f"grid {grid.name}: submitted {len(jobs)} {cluster} job(s) ({', '.join(j.job_id for j in jobs)}); "

@@ -166,6 +166,19 @@ def test_editable_install_is_quiet_and_ships_the_data_folders(tmp_path):
     assert "Warning" not in proc.stderr and "absent from the `packages`" not in proc.stderr, proc.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "lens_iclgd/tasks/sst2.toml" in names and "lens_iclgd/learning_rates.toml" in names
+    assert "lens_iclgd/zoo/qwen2.5-coder-0.5b.toml" in names and not any(n.startswith("tests/") for n in names)
+
+    # the editable build `make` runs (PEP 660 hook): a plain .pth to the repository, no warning block
+    root = Path(__file__).resolve().parents[1]
+    editable = tmp_path / "editable"
+    editable.mkdir()
+    hook = f"from setuptools import build_meta; print(build_meta.build_editable({str(editable)!r}))"
+    proc = subprocess.run([sys.executable, "-c", hook], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr and "Editable installation" not in proc.stderr, proc.stderr
+    wheel = zipfile.ZipFile(editable / proc.stdout.split()[-1])
+    pth = [n for n in wheel.namelist() if n.endswith(".pth")]
+    assert [wheel.read(n).decode().strip() for n in pth] == [str(root)]
 
 
 def test_token_steps_and_balanced_demos_are_recorded(tiny_hf_dir, tmp_path):

@@ -95,6 +95,28 @@ def test_shards_split_the_grid_exactly(tmp_path, tiny_hf_dir):
     assert collect(results).missing == 0
 
 
+def test_seeds_and_tasks_run_a_subset_and_the_grid_stays_whole(tmp_path, tiny_hf_dir):
+    config = _grid_file(tmp_path, tiny_hf_dir, tasks=["sst2", "mr"], seeds=[0, 1, 2], lrs=[0.01])
+    grid = load_grid(config)
+    results = tmp_path / "r"
+    out = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0", "--tasks", "mr"])
+    assert out.returncode == 0, out.stderr
+    done = [json.loads(f.read_text())["config"] for f in results.glob("cells/*/results.json")]
+    assert [(Path(c["task"]).stem, c["seed"]) for c in done] == [("mr", 0)]
+    recorded = json.loads((results / "grids" / "tiny.json").read_text())  # report expects the whole grid
+    assert recorded["seeds"] == [0, 1, 2] and recorded["tasks"] == ["sst2", "mr"]
+    coll = collect(results)
+    assert len(coll.cells) == 1 and coll.missing == len(cells(grid)) - 1 == 5
+
+    out = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0,1"])  # resumes: mr seed 0 is done
+    assert out.returncode == 0 and "4 cells in shard 0/1, 1 already done, 3 to run" in out.stdout
+    for bad, message in ((["--seeds", "5"], "--seeds 5: not in grid tiny's seeds (0, 1, 2)"),
+                         (["--tasks", "subj"], "--tasks subj: not in grid tiny's tasks (sst2, mr)"),
+                         (["--seeds", "x"], "--seeds 'x': use a comma-separated list, e.g. --seeds 0,1")):
+        out = run_cli(["grid", str(config), "--results", str(results)] + bad)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+
+
 def test_changed_settings_never_reuse_stale_cells(tmp_path, tiny_hf_dir):
     results = tmp_path / "r"
     first = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01])

@@ -15,7 +15,7 @@ from lens_iclgd.lr_rule import best_lr, chosen_rate, format_table
 from lens_iclgd.models import load_model
 from lens_iclgd.prompts import build_prompts
 from lens_iclgd.recording import record
-from lens_iclgd.report import choose_learning_rates
+from lens_iclgd.report import choose_learning_rates, collect, table2
 from lens_iclgd.runner import RunConfig, default_lr, run
 from lens_iclgd.tasks import load_split, load_task
 
@@ -125,6 +125,9 @@ def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
         assert c["lr_by_method"][method] == c["lr_auto"][method]["chosen"]
         assert results["heldout_accuracy"][method] == pytest.approx(best)
     assert c["lr_rule"] == "auto"
+    # a cell at the rates it chose itself is a Table 2 cell (each method at its own chosen rate)
+    t2 = table2(collect(tmp_path / "run").rows).set_index("row")
+    assert t2.loc["accuracy — LCGD", "mean_mean"] == pytest.approx(results["accuracy"]["lcgd"])
     # the chosen rate's stage is the sweep's: a rerun reuses all of them
     again = run(cfg, tmp_path / "run", loaded, auto_lrs=lrs)
     assert again["config"]["lr_auto"] == c["lr_auto"]

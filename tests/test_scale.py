@@ -182,7 +182,9 @@ def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results
     for model in side.columns:
         assert f"### {model}" in text
     assert "k requested 3, effective 3; n-test 6; seeds 0, 1" in text
-    assert "| two | 4 |" in text  # the grid's cells per model, with their summed timings
+    assert "| two | 4 | 3 | 6 | 0, 1 |" in text  # the grid's cells, k, n-test and seeds per model, with timings
+    # what the findings rest on, per model: trained + untrained cells at the chosen rates
+    assert text.count("4 cells: k 3, n-test 6, seeds 0, 1, 1 tasks, baselines trained, untrained") == 2
 
 
 # --- 4. the ICL-gain table --------------------------------------------------------------------
