@@ -290,3 +290,18 @@ def test_bad_launcher_flags(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r" / "submitit").exists()
+
+
+def test_committed_report_regenerates_byte_for_byte(tmp_path):
+    """The repository's own artifacts/report and artifacts/icl_gain: `report` on the
+    committed cells, with the command line the report names, gives every file back."""
+    committed, gain = ROOT / "artifacts" / "report", ROOT / "artifacts" / "icl_gain"
+    command = (committed / "report.md").read_text().split("```\n", 1)[1].split("\n```", 1)[0]
+    out, out_gain = tmp_path / "report", tmp_path / "icl_gain"
+    out_gain.mkdir()
+    shutil.copy(gain / "make_run_times.toml", out_gain)
+    proc = run_cli(["report", "artifacts/results", "--out", str(out), "--icl-gain-out", str(out_gain),
+                    "--command-line", command], timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    assert _tree(out) == _tree(committed)
+    assert _tree(out_gain) == _tree(gain)
