@@ -126,6 +126,8 @@ def cmd_grid(args) -> None:
 
         if args.shard:
             raise UserError("--shard and --submit exclude each other: --submit runs every shard (--jobs N)")
+        if args.dry_run:
+            raise UserError("--dry-run lists the cells to run on this machine: drop --submit to see them")
         res = Resources(args.jobs, args.partition, args.time, args.gpus_per_job, args.cpus_per_job, args.mem_gb)
         overrides = {key: getattr(args, key) for key in ("precision", "device") if getattr(args, key) is not None}
         submit_grid(args.config, results, args.submit, res, args.data_dir, args.scratch, args.retry_failed, overrides,
@@ -137,7 +139,7 @@ def cmd_grid(args) -> None:
     for key in ("precision", "device"):  # the command line overrides the config's keys
         if getattr(args, key) is not None:
             setattr(grid, key, getattr(args, key))
-    run_grid(grid, results, args.shard, args.retry_failed, args.scratch, _only(args))
+    run_grid(grid, results, args.shard, args.retry_failed, args.scratch, _only(args), args.dry_run)
 
 
 def _only(args) -> dict[str, list]:
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose training diverged")
     p.add_argument("--seeds", default=None, help="only these seeds of the grid, e.g. 0 (seed 0 everywhere first)")
     p.add_argument("--tasks", default=None, help="only these tasks of the grid, e.g. sst2,mr")
+    p.add_argument("--dry-run", action="store_true", help="list the cells still to run; compute nothing")
     from .precision import add_compute_args
 
     add_compute_args(p, unset=True)

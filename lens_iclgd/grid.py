@@ -249,11 +249,13 @@ def select(grid: GridConfig, all_cells: list[RunConfig], only: dict[str, list] |
 
 
 def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None = None, retry_failed: bool = False,
-             scratch_dir: str | Path | None = None, only: dict[str, list] | None = None) -> dict[str, int]:
+             scratch_dir: str | Path | None = None, only: dict[str, list] | None = None,
+             dry_run: bool = False) -> dict[str, int]:
     """Run the unfinished cells of this shard (of the cells `only` selects, see select());
     returns counts of done/failed/run cells. Recordings go to `scratch_dir`/stages
     (default RESULTS/stages): results can then live in a committed directory and the
-    heavy recordings on a scratch disk."""
+    heavy recordings on a scratch disk. `dry_run`: list the cells to run, compute nothing
+    (the grid is still recorded for `report`)."""
     results_dir = check_writable(Path(results_dir))
     stages_dir = (check_writable(Path(scratch_dir)) if scratch_dir is not None else results_dir) / "stages"
     remove_stale_temp_files(results_dir)  # left by a writer killed mid-write (kill -9)
@@ -271,6 +273,10 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
     _check_inputs(todo)
     # what `report` counts as expected; several grids may share one results directory
     atomic_write_json(results_dir / "grids" / f"{grid.name}.json", dataclasses.asdict(grid))
+    if dry_run:
+        for c in todo:
+            print(f"to run: {cell_id(c)}", flush=True)
+        return {"cells": len(mine), "done": len(mine) - len(todo), "failed": 0, "ran": 0}
 
     models: dict[tuple, LoadedModel] = {}
     start, ran, failed = time.perf_counter(), 0, 0

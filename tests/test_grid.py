@@ -108,6 +108,8 @@ def test_seeds_and_tasks_run_a_subset_and_the_grid_stays_whole(tmp_path, tiny_hf
     coll = collect(results)
     assert len(coll.cells) == 1 and coll.missing == len(cells(grid)) - 1 == 5
 
+    dry = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0,1", "--dry-run"])
+    assert dry.returncode == 0 and dry.stdout.count("to run: ") == 3 and len(list(results.glob("cells/*/results.json"))) == 1
     out = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0,1"])  # resumes: mr seed 0 is done
     assert out.returncode == 0 and "4 cells in shard 0/1, 1 already done, 3 to run" in out.stdout
     for bad, message in ((["--seeds", "5"], "--seeds 5: not in grid tiny's seeds (0, 1, 2)"),
