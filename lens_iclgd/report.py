@@ -430,12 +430,21 @@ def findings(coll: Collected) -> list[str]:
     rows, out = coll.rows, []
     if rows.empty:
         return ["No finished cells yet."]
+    # a Table 1 trained cell repeats its Table 2 cell's GD (shared recordings): count it once
+    rows = rows.drop_duplicates(subset=["model", "baseline", "task", "seed", "method", "k", "n_test", "lr", "lr_rule",
+                                        "plain", "ablate"])
     gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
-    by_base = gd.groupby("baseline")["SimAOU"].mean()
+    # only the (task, seed) pairs run for every baseline, so no baseline is averaged over other tasks
+    per_pair = gd.groupby(["task", "seed"])["baseline"].nunique()
+    pairs = per_pair[per_pair == gd["baseline"].nunique()].index
+    matched = gd.set_index(["task", "seed"]).loc[pairs] if len(pairs) else gd.iloc[:0]
+    by_base = matched.groupby("baseline")["SimAOU"].mean()
     if "trained" in by_base and len(by_base) > 1:
         others = {b: v for b, v in by_base.items() if b != "trained"}
         agree = all(v >= by_base["trained"] - 0.05 for v in others.values())
-        out.append(f"1. SimAOU is no evidence on its own: GD SimAOU trained {by_base['trained']:.3f} vs "
+        out.append(f"1. SimAOU is no evidence on its own (GD, the {len(pairs)} task-seed pairs run for every baseline: "
+                   f"{', '.join(_task_order(t for t, _ in pairs))}): "
+                   f"SimAOU trained {by_base['trained']:.3f} vs "
                    + ", ".join(f"{BASELINE_NAMES.get(b, b)} {v:.3f}" for b, v in others.items())
                    + (" -> **agrees** (the re-initialised models score as high or higher)." if agree
                       else " -> **does not agree** (the trained model scores clearly higher)."))

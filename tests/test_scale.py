@@ -305,3 +305,19 @@ def test_committed_report_regenerates_byte_for_byte(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert _tree(out) == _tree(committed)
     assert _tree(out_gain) == _tree(gain)
+
+
+def test_finding_1_compares_baselines_on_the_same_tasks_and_counts_shared_cells_once():
+    from lens_iclgd.report import COLUMNS, Collected, findings
+
+    def row(baseline, task, simaou, cell):
+        return {**dict.fromkeys(COLUMNS), "cell": cell, "model": "m", "baseline": baseline, "task": task, "seed": 0,
+                "method": "gd", "lr": 1e-5, "lr_rule": "default", "plain": True, "ablate": "", "k": 32, "n_test": 10,
+                "SimAOU": simaou, "SimAOU_norm": simaou + 0.01}
+
+    rows = pd.DataFrame([row("trained", "sst2", 0.10, "a"), row("trained", "sst2", 0.10, "a-table1"),  # shared GD
+                         row("trained", "mr", 0.90, "b"), row("untrained", "sst2", 0.20, "c")], columns=COLUMNS)
+    first = findings(Collected(rows, [], 0, [], 0, 0))[0]
+    # sst2 only (mr has no untrained cell): 0.10 vs 0.20; pooled over tasks it would read 0.37 vs 0.20
+    assert "the 1 task-seed pairs run for every baseline: sst2" in first
+    assert "SimAOU trained 0.100 vs No Training 0.200 -> **agrees**" in first
