@@ -431,6 +431,7 @@ def findings(coll: Collected) -> list[str]:
     if rows.empty:
         return ["No finished cells yet."]
     # a Table 1 trained cell repeats its Table 2 cell's GD (shared recordings): count it once
+    rows = rows.sort_values("alpha", na_position="last", kind="stable")  # keep the copy with LCGD's alpha
     rows = rows.drop_duplicates(subset=["model", "baseline", "task", "seed", "method", "k", "n_test", "lr", "lr_rule",
                                         "plain", "ablate"])
     gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
