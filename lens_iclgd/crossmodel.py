@@ -118,10 +118,15 @@ def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return out
 
 
+def _chosen_rate_rows(coll: R.Collected) -> pd.DataFrame:
+    """GD/LCGD rows of the cells at the chosen rates (what tables and findings use)."""
+    rows = R._paper_cells(coll.rows)
+    return rows[rows["method"].isin(["gd", "lcgd"])] if not rows.empty else rows
+
+
 def findings_scale(coll: R.Collected) -> str:
     """What a model's findings rest on: its cells at the chosen rates (tables 1 and 2)."""
-    rows = R._paper_cells(coll.rows)
-    rows = rows[rows["method"].isin(["gd", "lcgd"])].drop_duplicates("cell") if not rows.empty else rows
+    rows = _chosen_rate_rows(coll).drop_duplicates("cell")
     if rows.empty:
         return "no cells at the chosen rates"
 
@@ -234,8 +239,7 @@ def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]],
 
 def learning_rates_used(coll: R.Collected) -> str:
     """Per task, the GD / LCGD rates of the chosen-rate cells and how they were chosen."""
-    rows = R._paper_cells(coll.rows)
-    rows = rows[rows["method"].isin(["gd", "lcgd"])] if not rows.empty else rows
+    rows = _chosen_rate_rows(coll)
     if rows.empty:
         return "Learning rates: no cells at the chosen rates."
     parts = []
