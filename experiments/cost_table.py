@@ -27,9 +27,9 @@ def main() -> None:
         if c["k_effective"] != args.k or c.get("lr_rule") == "--lr" or "note" in timing:
             continue  # sweeps, other scales, and cells whose timings are not their own
         phases = [timing.get(p) for p in ("zs", "icl", "gd", "lcgd")]
-        if timing["total"] < sum(p or 0 for p in phases):
-            continue  # its recordings were another cell's (table 1's trained cells): not its own cost
         other = timing["total"] - sum(p or 0 for p in phases)  # --lr auto's held-out sweep, metrics, writing
+        if other < 0:
+            continue  # its recordings were another cell's (table 1's trained cells): not its own cost
         rows.append((c["model"], c["baseline"], Path(c["task"]).stem, c["seed"], c["n_test_effective"],
                      r["environment"].get("threads"), *phases, other, timing["total"], timing.get("peak_rss_mb", 0) / 1024))
     for row in sorted(rows):

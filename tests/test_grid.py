@@ -53,7 +53,7 @@ def test_interrupted_grid_resumes_to_the_same_results(tmp_path, tiny_hf_dir, sig
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_cli(["grid", str(config), "--results", str(whole)]).returncode == 0
 
-    for attempt in range(3):  # on a starved machine the grid can finish before the signal lands: start over
+    for _ in range(3):  # on a starved machine the grid can finish before the signal lands: start over
         shutil.rmtree(broken, ignore_errors=True)
         proc = subprocess.Popen([sys.executable, "-m", "lens_iclgd.cli", "grid", str(config), "--results", str(broken)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
