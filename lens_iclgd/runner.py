@@ -403,11 +403,13 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
     keys = stage_keys(inp)
 
     stages: dict[str, dict[str, Any]] = {}
+    reused: list[str] = []
     for stage in ("zs",) + c.methods:
         cached = store.load(stage, keys[stage]) if store else swept.get((stage, inp.lr_by_method.get(stage)))
         if cached is not None:
             log.info("%s: reusing the finished stage", stage)
             stages[stage] = cached
+            reused.append(stage)
             continue
         log.info("%s: running on %d test examples%s", stage, len(p.queries), f" (k={p.k})" if stage != "zs" else "")
         stages[stage] = compute_stage(inp, stage, inp.lr_by_method.get(stage))
@@ -417,6 +419,8 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
     results = assemble_results(inp, stages)
     # Wall times live apart from the results, which are byte-for-byte reproducible.
     timings = {s: round(stages[s]["seconds"], 2) for s in stages} | {"total": round(time.perf_counter() - t_start, 2)}
+    if reused:  # their seconds are the run that computed them; `total` is this run's own time
+        timings["reused"] = reused
     # the process's peak resident memory so far (in a grid: over the cells run before, too)
     timings["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if out is not None:

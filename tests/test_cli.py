@@ -25,6 +25,8 @@ def test_tiny_local_model_end_to_end(tiny_hf_dir, tmp_path):
     # rerunning reuses every finished stage and gives the same numbers
     again = run_cli(args)
     assert again.returncode == 0 and again.stdout.count("reusing the finished stage") == 4
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["reused"] == ["zs", "icl", "gd", "lcgd"] and timings["total"] < sum(timings[s] for s in timings["reused"])
     assert json.loads((out / "results.json").read_text())["metrics"] == results["metrics"]
 
 
