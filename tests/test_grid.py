@@ -53,10 +53,13 @@ def test_interrupted_grid_resumes_to_the_same_results(tmp_path, tiny_hf_dir, sig
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_cli(["grid", str(config), "--results", str(whole)]).returncode == 0
 
-    for _ in range(3):  # on a starved machine the grid can finish before the signal lands: start over
+    for _ in range(3):  # a starved machine can finish the grid before the signal lands: start over
         shutil.rmtree(broken, ignore_errors=True)
+        # SIGINT back to its default, as at a terminal: a shell's background job inherits it
+        # ignored, and Python then never raises KeyboardInterrupt (the grid would run to the end)
         proc = subprocess.Popen([sys.executable, "-m", "lens_iclgd.cli", "grid", str(config), "--results", str(broken)],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert _wait_for("cells/*/results.json", broken, proc), "the first cell never finished"
         if sig == signal.SIGKILL:  # at a random point before the last cell finishes
             stamps = sorted(f.stat().st_mtime for f in whole.glob("cells/*/results.json"))
