@@ -4,8 +4,8 @@
 
 Reads cells/*/results.json and timings.json (no data, no model). Times are the cell's own
 wall times ("other": what the cell ran besides the four phases, mostly --lr auto's held-out
-sweep; "reused": a phase whose recording another cell made, e.g. seed 1's ZS on a task whose
-test set is the whole split); `threads` is torch's thread count in that process (1-thread cells ran two at
+sweep; "reused": a phase whose recording another cell made, e.g. seed 1's ZS on the trained
+model, the test set not depending on the seed); `threads` is torch's thread count in that process (1-thread cells ran two at
 a time on the 2 cores, so two such cells finish in the time of one).
 """
 
@@ -31,18 +31,24 @@ def main() -> None:
             continue  # sweeps, other scales, and cells whose timings are not their own
         cells.append((r, c, timing))
     # A cell's timings.json lists the stages it reused; cells from before that list inherit
-    # the phase time of the run that made the recording. Of the cells with an identical time
-    # (to 0.01 s) for a phase on the same model and task, the one that ran longest made it.
+    # the phase time of the run that made the recording. Of the cells that could share a
+    # recording (runner.stage_keys: same model, task and baseline; the same seed unless it is
+    # the trained model's ZS) with an identical time (to 0.01 s) for a phase, the one that
+    # ran longest made it.
+    def share_key(c: dict, p: str, seconds: float) -> tuple:
+        seed = None if (c["baseline"] == "trained" and p == "zs") else c["seed"]
+        return (c["model"], c["task"], c["baseline"], seed, p, seconds)
+
     maker: dict[tuple, tuple[float, int]] = {}
     for i, (_, c, timing) in enumerate(cells):
         for p in PHASES:
             if timing.get(p) is not None and p not in timing.get("reused", ()):
-                key = (c["model"], c["task"], p, timing[p])
+                key = share_key(c, p, timing[p])
                 maker[key] = max(maker.get(key, (-1.0, -1)), (timing["total"], i))
     rows = []
     for i, (r, c, timing) in enumerate(cells):
         reused = timing.get("reused") or [p for p in PHASES if timing.get(p) is not None
-                                          and maker[(c["model"], c["task"], p, timing[p])][1] != i]
+                                          and maker[share_key(c, p, timing[p])][1] != i]
         own = [None if p in reused else timing.get(p) for p in PHASES]
         other = timing["total"] - sum(t or 0 for t in own)  # --lr auto's held-out sweep, metrics, writing
         if other < 0 or not any(own):
