@@ -146,6 +146,14 @@ def _paper_cells(rows: pd.DataFrame, rule: str = "default") -> pd.DataFrame:
     return rows[rows["lr_rule"].isin(CHOSEN_RATES[rule]) & rows["plain"] & (rows["ablate"] == "")]
 
 
+def _one_row_per_run(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setting, method): a Table 1 trained cell repeats its Table 2 cell's GD
+    (shared recordings), so count that run once, keeping the copy with LCGD's alpha."""
+    rows = rows.sort_values("alpha", na_position="last", kind="stable")
+    return rows.drop_duplicates(subset=["model", "baseline", "task", "seed", "method", "k", "n_test", "lr", "lr_rule",
+                                        "plain", "ablate"])
+
+
 def _sweep_cells(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows of the learning-rate sweep: an explicit learning rate, no ablation."""
     return rows[(rows["lr_rule"] == "--lr") & rows["plain"] & (rows["ablate"] == "")]
@@ -206,7 +214,7 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 def table1(rows: pd.DataFrame) -> pd.DataFrame:
-    gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
+    gd = _paper_cells(_one_row_per_run(rows))[lambda r: r["method"] == "gd"]
     keys = []
     for metric in ("SimAOU", "SimAOU_norm", "SimAM_delta", "SimAOU_random"):
         for b, name in BASELINE_NAMES.items():
@@ -430,10 +438,7 @@ def findings(coll: Collected) -> list[str]:
     rows, out = coll.rows, []
     if rows.empty:
         return ["No finished cells yet."]
-    # a Table 1 trained cell repeats its Table 2 cell's GD (shared recordings): count it once
-    rows = rows.sort_values("alpha", na_position="last", kind="stable")  # keep the copy with LCGD's alpha
-    rows = rows.drop_duplicates(subset=["model", "baseline", "task", "seed", "method", "k", "n_test", "lr", "lr_rule",
-                                        "plain", "ablate"])
+    rows = _one_row_per_run(rows)
     gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
     # only the (task, seed) pairs run for every baseline, so no baseline is averaged over other tasks
     per_pair = gd.groupby(["task", "seed"])["baseline"].nunique()

@@ -350,3 +350,19 @@ def test_finding_1_compares_baselines_on_the_same_tasks_and_counts_shared_cells_
     # sst2 only (mr has no untrained cell): 0.10 vs 0.20; pooled over tasks it would read 0.37 vs 0.20
     assert "the 1 task-seed pairs run for every baseline: sst2" in first
     assert "SimAOU trained 0.100 vs No Training 0.200 -> **agrees**" in first
+
+
+def test_table1_counts_a_trained_run_shared_by_tables_1_and_2_once():
+    from lens_iclgd.report import COLUMNS, table1
+
+    def row(seed, simaou, cell, alpha=None):
+        return {**dict.fromkeys(COLUMNS), "cell": cell, "model": "m", "baseline": "trained", "task": "sst2",
+                "seed": seed, "method": "gd", "lr": 1e-5, "lr_rule": "auto", "plain": True, "ablate": "", "k": 32,
+                "n_test": 10, "SimAOU": simaou, "alpha": alpha}
+
+    # seed 0's GD is in its Table 2 cell (with LCGD's alpha) and again in its Table 1 cell
+    rows = pd.DataFrame([row(0, 0.1, "t1-seed0"), row(0, 0.1, "t2-seed0", alpha=0.3), row(1, 0.2, "t2-seed1", 0.2),
+                         row(2, 0.3, "t2-seed2", 0.1)], columns=COLUMNS)
+    trained = table1(rows).set_index("row").loc["Trained — SimAOU"]
+    assert trained["sst2_n"] == 3
+    assert trained["sst2_mean"] == pytest.approx(0.2) and trained["sst2_std"] == pytest.approx(0.1)  # not 0.175 / 0.096
