@@ -66,7 +66,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_int, default=0, help="picks and orders the demonstrations; seeds re-initialisation")
     p.add_argument("--n-test", type=_int, default=2000, help="test examples (the paper caps at 2000)")
     p.add_argument("--lr", type=_lr, default=None,
-                   help="SGD learning rate, or auto (chosen now on held-out training examples, per method), or shared "
+                   help="SGD learning rate, or auto (chosen now on held-out training examples, per method; a re-initialised "
+                        "baseline takes the trained model's choice), or shared "
                         "(GD's chosen rate for every method) (default: each method's chosen rate per model and task)")
     p.add_argument("--data-dir", default=None, help="directory with <task>/<split>.jsonl (hub schema), e.g. ../shared/data")
     p.add_argument("--position", default=DEFAULT_POSITION, choices=POSITIONS, help="recorded position (default: answer, as the original code)")

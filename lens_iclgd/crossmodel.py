@@ -255,6 +255,8 @@ def learning_rates_used(coll: R.Collected) -> str:
 def _rate_origin(source: str | None) -> str:
     """results.json's lr_source, in a few words."""
     source = source or ""
+    if source.startswith("--lr auto on the trained model"):
+        return "chosen on the trained model in the cell"
     if source.startswith("--lr auto"):
         return "chosen in the cell"
     if source.startswith("paper"):

@@ -390,6 +390,19 @@ def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = 
         return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs)
 
 
+def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[float, ...] = AUTO_LRS) -> None:
+    """`--lr auto` on a re-initialised baseline: the rates the rule chooses for the trained
+    model on the same held-out examples and demonstrations, since the paper trains every
+    baseline of a task at one rate (a re-initialised model's own held-out accuracy is
+    chance and would pick its rate by noise). The sweep's stages are the trained cell's,
+    so they are reused when that cell ran first on the same scratch directory."""
+    trained = prepare(dataclasses.replace(inp.config, baseline="trained"))
+    auto_learning_rates(trained, store, lrs)
+    resolve_lrs(inp, {m: (v["chosen"], f"--lr auto on the trained model (best held-out accuracy of {len(lrs)} rates)")
+                      for m, v in trained.lr_auto.items()})
+    inp.lr_auto = {m: {**v, "chosen_on": "trained"} for m, v in trained.lr_auto.items()}
+
+
 def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir,
          auto_lrs: tuple[float, ...] = AUTO_LRS) -> dict[str, Any]:
     t_start = time.perf_counter()
@@ -398,7 +411,11 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
     inp = prepare(config, loaded)
     c, p = inp.config, inp.prompts
     store = StageStore(Path(stages_dir)) if stages_dir is not None else None
-    swept = auto_learning_rates(inp, store, auto_lrs) if inp.lr_rule == "auto" and c.ft_methods else {}
+    swept = {}
+    if inp.lr_rule == "auto" and c.ft_methods and c.baseline == "trained":
+        swept = auto_learning_rates(inp, store, auto_lrs)
+    elif inp.lr_rule == "auto" and c.ft_methods:
+        rates_of_trained_model(inp, store, auto_lrs)
     c = inp.config
     keys = stage_keys(inp)
 

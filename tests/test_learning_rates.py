@@ -167,3 +167,26 @@ def test_table2_at_own_and_at_shared_rates_keeps_the_cells_apart():
     own, shared = table2(frame), table2(frame, "shared")
     lcgd = lambda t: t.set_index("row").loc["accuracy — LCGD", "mean_mean"]
     assert lcgd(own) == pytest.approx(0.6) and lcgd(shared) == pytest.approx(0.4)
+
+
+def test_lr_auto_on_a_reinitialised_baseline_takes_the_trained_models_rates(tiny_hf_dir, tmp_path):
+    lrs = (0.003, 0.03, 0.3, 1.0)
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(SHARED_DATA),
+                    methods=("gd",))
+    stages = tmp_path / "stages"
+    trained = run(cfg, tmp_path / "trained", None, stages, auto_lrs=lrs)["config"]
+    n_stages = len(list(stages.rglob("*")))
+    untrained = run(RunConfig(**{**cfg.__dict__, "baseline": "untrained"}), tmp_path / "untrained", None, stages,
+                    auto_lrs=lrs)["config"]
+    # the paper trains every baseline of a task at one rate: the trained model's choice, its sweep reused
+    assert untrained["lr_auto"] == {"gd": {**trained["lr_auto"]["gd"], "chosen_on": "trained"}}
+    assert untrained["lr_by_method"] == trained["lr_by_method"]
+    assert untrained["lr_source"].startswith("--lr auto on the trained model")
+    assert len(list(stages.rglob("*"))) == n_stages + 3  # only the untrained model's own ZS, ICL and GD stages
+    # the re-initialised model's own held-out curve, computed independently, is not the one used
+    loaded = load_model(str(tiny_hf_dir), "untrained", 0)
+    task = load_task("sst2")
+    p = build_prompts(loaded.model, task, load_split(task, "train", SHARED_DATA), load_split(task, "validation", SHARED_DATA),
+                      k=3, seed=0, n_test=4, n_heldout=12)
+    own = {f"{lr:g}": _heldout_accuracy(loaded, p, "gd", lr) for lr in lrs}
+    assert own != pytest.approx(untrained["lr_auto"]["gd"]["curve"])
