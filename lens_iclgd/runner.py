@@ -412,10 +412,11 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
     c, p = inp.config, inp.prompts
     store = StageStore(Path(stages_dir)) if stages_dir is not None else None
     swept = {}
-    if inp.lr_rule == "auto" and c.ft_methods and c.baseline == "trained":
-        swept = auto_learning_rates(inp, store, auto_lrs)
-    elif inp.lr_rule == "auto" and c.ft_methods:
-        rates_of_trained_model(inp, store, auto_lrs)
+    if inp.lr_rule == "auto" and c.ft_methods:
+        if c.baseline == "trained":
+            swept = auto_learning_rates(inp, store, auto_lrs)
+        else:
+            rates_of_trained_model(inp, store, auto_lrs)
     c = inp.config
     keys = stage_keys(inp)
 

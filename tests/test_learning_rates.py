@@ -102,6 +102,13 @@ def test_results_record_the_rate_of_each_method(table, tiny_hf_dir):
     assert shared["lr_by_method"] == {"gd": 0.01, "lcgd": 0.01} and shared["lr_rule"] == "shared"
 
 
+def _sst2_prompts(loaded):
+    """The prompts of the auto-rate tests' cells (sst2, k 3, seed 0, 4 test, 12 held out)."""
+    task = load_task("sst2")
+    return build_prompts(loaded.model, task, load_split(task, "train", SHARED_DATA), load_split(task, "validation", SHARED_DATA),
+                         k=3, seed=0, n_test=4, n_heldout=12)
+
+
 def _heldout_accuracy(loaded, p, method, lr):
     """Independently of the runner: train, score the held-out prompts, restore."""
     with finetuned(loaded.model, p.demos, p.bos, method, lr, loaded.kv_bias):
@@ -113,9 +120,7 @@ def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
     lrs = (0.003, 0.03, 0.3, 1.0)
     cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(SHARED_DATA))
     results = run(cfg, tmp_path / "run", loaded, auto_lrs=lrs)
-    task = load_task("sst2")
-    p = build_prompts(loaded.model, task, load_split(task, "train", SHARED_DATA), load_split(task, "validation", SHARED_DATA),
-                      k=3, seed=0, n_test=4, n_heldout=12)
+    p = _sst2_prompts(loaded)
     c = results["config"]
     for method in ("gd", "lcgd"):
         curve = {lr: _heldout_accuracy(loaded, p, method, lr) for lr in lrs}
@@ -185,8 +190,6 @@ def test_lr_auto_on_a_reinitialised_baseline_takes_the_trained_models_rates(tiny
     assert len(list(stages.rglob("*"))) == n_stages + 3  # only the untrained model's own ZS, ICL and GD stages
     # the re-initialised model's own held-out curve, computed independently, is not the one used
     loaded = load_model(str(tiny_hf_dir), "untrained", 0)
-    task = load_task("sst2")
-    p = build_prompts(loaded.model, task, load_split(task, "train", SHARED_DATA), load_split(task, "validation", SHARED_DATA),
-                      k=3, seed=0, n_test=4, n_heldout=12)
+    p = _sst2_prompts(loaded)
     own = {f"{lr:g}": _heldout_accuracy(loaded, p, "gd", lr) for lr in lrs}
     assert own != pytest.approx(untrained["lr_auto"]["gd"]["curve"])
