@@ -378,25 +378,29 @@ def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str
 
 
 def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None,
-        stages_dir: str | Path | None = None, auto_lrs: tuple[float, ...] = AUTO_LRS) -> dict[str, Any]:
+        stages_dir: str | Path | None = None, auto_lrs: tuple[float, ...] = AUTO_LRS,
+        trained: LoadedModel | None = None) -> dict[str, Any]:
     """Run one cell end to end; write results to `out` (if given) and return them.
     Finished stages are kept in `stages_dir` (default `<out>/stages`), where a rerun, or
-    another cell sharing them, finds them. `auto_lrs`: the rates `lr="auto"` tries."""
+    another cell sharing them, finds them. `auto_lrs`: the rates `lr="auto"` tries.
+    `trained`: the trained model a re-initialised `lr="auto"` cell takes its rates from
+    (loaded when not given)."""
     config = config.validate()
     if out is None:
-        return _run(config, None, loaded, stages_dir, auto_lrs)
+        return _run(config, None, loaded, stages_dir, auto_lrs, trained)
     with removed_if_empty_on_error(Path(out)):
         check_writable(Path(out))
-        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs)
+        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs, trained)
 
 
-def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[float, ...] = AUTO_LRS) -> None:
+def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[float, ...] = AUTO_LRS,
+                           loaded: LoadedModel | None = None) -> None:
     """`--lr auto` on a re-initialised baseline: the rates the rule chooses for the trained
     model on the same held-out examples and demonstrations, since the paper trains every
     baseline of a task at one rate (a re-initialised model's own held-out accuracy is
     chance and would pick its rate by noise). The sweep's stages are the trained cell's,
     so they are reused when that cell ran first on the same scratch directory."""
-    trained = prepare(dataclasses.replace(inp.config, baseline="trained"))
+    trained = prepare(dataclasses.replace(inp.config, baseline="trained"), loaded)
     auto_learning_rates(trained, store, lrs)
     resolve_lrs(inp, {m: (v["chosen"], f"--lr auto on the trained model (best held-out accuracy of {len(lrs)} rates)")
                       for m, v in trained.lr_auto.items()})
@@ -404,7 +408,7 @@ def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[flo
 
 
 def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir,
-         auto_lrs: tuple[float, ...] = AUTO_LRS) -> dict[str, Any]:
+         auto_lrs: tuple[float, ...] = AUTO_LRS, trained: LoadedModel | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     if stages_dir is not None:
         remove_stale_temp_files(Path(stages_dir).parent)
@@ -416,7 +420,7 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
         if c.baseline == "trained":
             swept = auto_learning_rates(inp, store, auto_lrs)
         else:
-            rates_of_trained_model(inp, store, auto_lrs)
+            rates_of_trained_model(inp, store, auto_lrs, trained)
     c = inp.config
     keys = stage_keys(inp)
 

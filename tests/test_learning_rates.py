@@ -10,7 +10,7 @@ from conftest import SHARED_DATA, run_cli
 from lens_iclgd import runner
 from lens_iclgd.errors import UserError
 from lens_iclgd.finetune import finetuned
-from lens_iclgd.grid import cell_id
+from lens_iclgd.grid import GridConfig, cell_id, run_grid
 from lens_iclgd.lr_rule import best_lr, chosen_rate, format_table
 from lens_iclgd.models import load_model
 from lens_iclgd.prompts import build_prompts
@@ -193,3 +193,18 @@ def test_lr_auto_on_a_reinitialised_baseline_takes_the_trained_models_rates(tiny
     p = _sst2_prompts(loaded)
     own = {f"{lr:g}": _heldout_accuracy(loaded, p, "gd", lr) for lr in lrs}
     assert own != pytest.approx(untrained["lr_auto"]["gd"]["curve"])
+
+
+def test_a_grids_reinitialised_auto_cell_takes_the_rates_from_the_trained_model_the_grid_holds(tiny_hf_dir, tmp_path,
+                                                                                             monkeypatch):
+    grid = GridConfig(name="tiny", models=[str(tiny_hf_dir)], baselines=["untrained"], tasks=["sst2"], seeds=[0],
+                      methods=["gd"], lrs=["auto"], k=3, n_test=4, n_heldout=12, data_dir=str(SHARED_DATA))
+    # the grid loaded the trained model to re-initialise it: the cell must not load it once more
+    def no_second_load(*args, **kwargs):
+        raise AssertionError(f"the cell loaded a model: {args}")
+    monkeypatch.setattr(runner, "load_model", no_second_load)
+    assert run_grid(grid, tmp_path / "r")["done"] == 1
+    (cell,) = (tmp_path / "r" / "cells").glob("*/results.json")
+    c = json.loads(cell.read_text())["config"]
+    assert c["baseline"] == "untrained" and c["lr_auto"]["gd"]["chosen_on"] == "trained"
+    assert c["lr_by_method"]["gd"] == c["lr_auto"]["gd"]["chosen"]
