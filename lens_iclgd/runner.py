@@ -314,7 +314,6 @@ def stage_keys(inp: Inputs, lrs: dict[str, float] | None = None) -> dict[str, st
         "init_seed": c.seed if lm.baseline != "trained" else None,
         "position": c.position, "ablation": inp.ablation,
         "queries": config_key({"q": [(q.index, q.label, q.prompt) for q in p.queries], "o": p.options}),
-        "heldout": config_key([(q.index, q.prompt) for q in p.heldout]),
         "bos": p.bos,
     }
     # Each stage's own precision modes, only where not float32 (so float32 keys stay as
@@ -327,7 +326,10 @@ def stage_keys(inp: Inputs, lrs: dict[str, float] | None = None) -> dict[str, st
     keys["icl"] = config_key({**icl, "stage": "icl", **extra["icl"]})
     for m in FT_METHODS:
         lr = (lrs or {}).get(m, inp.lr_by_method.get(m, c.lr))
-        ft = {**icl, "stage": m, "lr": lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos), **extra[m]}
+        # only a finetuning stage records the held-out examples (--lr auto scores them), so
+        # ZS and ICL stay shared by cells whose held-out examples differ (every seed's)
+        ft = {**icl, "stage": m, "lr": lr, "kv_bias": lm.kv_bias, "demos": config_key(p.demos),
+              "heldout": config_key([(q.index, q.prompt) for q in p.heldout]), **extra[m]}
         if c.step_unit != "demo":  # only when not neutral: default stage keys stay as they were
             ft["step_unit"] = c.step_unit
         keys[m] = config_key(ft)

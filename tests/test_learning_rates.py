@@ -208,3 +208,20 @@ def test_a_grids_reinitialised_auto_cell_takes_the_rates_from_the_trained_model_
     c = json.loads(cell.read_text())["config"]
     assert c["baseline"] == "untrained" and c["lr_auto"]["gd"]["chosen_on"] == "trained"
     assert c["lr_by_method"]["gd"] == c["lr_auto"]["gd"]["chosen"]
+
+
+def test_only_finetuning_stages_are_keyed_by_the_held_out_examples(gqa_model):
+    # --lr auto's held-out examples are scored after finetuning only: ZS and ICL recordings
+    # do not depend on them, so cells with other held-out sets (every seed's) share those
+    from lens_iclgd.runner import prepare, stage_keys
+
+    keys = {}
+    for n_heldout in (0, 8, 12):
+        c = RunConfig(task="sst2", data_dir=str(SHARED_DATA), k=3, n_test=4, lr=0.01, n_heldout=n_heldout)
+        inp = prepare(c, loaded=gqa_model)
+        assert len(inp.prompts.heldout) == n_heldout
+        keys[n_heldout] = stage_keys(inp)
+    assert keys[0]["zs"] == keys[8]["zs"] == keys[12]["zs"]
+    assert keys[0]["icl"] == keys[8]["icl"] == keys[12]["icl"]
+    for m in ("gd", "lcgd"):
+        assert len({keys[0][m], keys[8][m], keys[12][m]}) == 3
