@@ -289,7 +289,9 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
         folder = results_dir / "cells" / cell_id(c)
         t0 = time.perf_counter()
         try:
-            run(c, folder, loaded=models[key], stages_dir=stages_dir, trained=models[(c.model, "trained", None)])
+            twin = results_dir / "cells" / cell_id(dataclasses.replace(c, baseline="trained")) / "results.json"
+            run(c, folder, loaded=models[key], stages_dir=stages_dir, trained=models[(c.model, "trained", None)],
+                trained_results=twin if c.baseline != "trained" else None)
             (folder / "failed.json").unlink(missing_ok=True)
             outcome = "done"
         except TrainingDiverged as e:

@@ -15,6 +15,7 @@ the finished stages; a rerun with different settings computes new ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import platform
@@ -381,36 +382,59 @@ def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str
 
 def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None,
         stages_dir: str | Path | None = None, auto_lrs: tuple[float, ...] = AUTO_LRS,
-        trained: LoadedModel | None = None) -> dict[str, Any]:
+        trained: LoadedModel | None = None, trained_results: str | Path | None = None) -> dict[str, Any]:
     """Run one cell end to end; write results to `out` (if given) and return them.
     Finished stages are kept in `stages_dir` (default `<out>/stages`), where a rerun, or
     another cell sharing them, finds them. `auto_lrs`: the rates `lr="auto"` tries.
     `trained`: the trained model a re-initialised `lr="auto"` cell takes its rates from
-    (loaded when not given)."""
+    (loaded when not given); `trained_results`: that trained cell's results.json, whose
+    recorded choice is taken when it exists."""
     config = config.validate()
     if out is None:
-        return _run(config, None, loaded, stages_dir, auto_lrs, trained)
+        return _run(config, None, loaded, stages_dir, auto_lrs, trained, trained_results)
     with removed_if_empty_on_error(Path(out)):
         check_writable(Path(out))
-        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs, trained)
+        return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs, trained,
+                    trained_results)
 
 
 def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[float, ...] = AUTO_LRS,
-                           loaded: LoadedModel | None = None) -> None:
+                           loaded: LoadedModel | None = None, trained_results: Path | None = None) -> None:
     """`--lr auto` on a re-initialised baseline: the rates the rule chooses for the trained
     model on the same held-out examples and demonstrations, since the paper trains every
     baseline of a task at one rate (a re-initialised model's own held-out accuracy is
-    chance and would pick its rate by noise). The sweep's stages are the trained cell's,
-    so they are reused when that cell ran first on the same scratch directory."""
-    trained = prepare(dataclasses.replace(inp.config, baseline="trained"), loaded)
-    auto_learning_rates(trained, store, lrs)
+    chance and would pick its rate by noise). When the trained cell has finished
+    (`trained_results`, its results.json), its recorded choice is taken, so a grid resumed
+    on another machine does not redo the sweep; else the sweep's stages are the trained
+    cell's, reused when that cell ran first on the same scratch directory."""
+    info = recorded_lr_auto(trained_results, inp, lrs) if trained_results else None
+    if info is None:
+        trained = prepare(dataclasses.replace(inp.config, baseline="trained"), loaded)
+        auto_learning_rates(trained, store, lrs)
+        info = trained.lr_auto
+    else:
+        log.info("--lr auto: the trained model's rates, from the finished cell %s", trained_results.parent.name)
     resolve_lrs(inp, {m: (v["chosen"], f"--lr auto on the trained model (best held-out accuracy of {len(lrs)} rates)")
-                      for m, v in trained.lr_auto.items()})
-    inp.lr_auto = {m: {**v, "chosen_on": "trained"} for m, v in trained.lr_auto.items()}
+                      for m, v in info.items()})
+    inp.lr_auto = {m: {**v, "chosen_on": "trained"} for m, v in info.items()}
+
+
+def recorded_lr_auto(path: Path, inp: Inputs, lrs: tuple[float, ...]) -> dict[str, dict] | None:
+    """The `--lr auto` choice a finished trained cell recorded, if it is this cell's twin
+    (same model, task, demonstrations, held-out count, methods and rates); else None."""
+    if not path.is_file():
+        return None
+    c, p = json.loads(path.read_text())["config"], inp.prompts
+    auto = c.get("lr_auto") or {}
+    twin = (c["baseline"] == "trained" and c["model"] == inp.config.model and c["task"] == inp.config.task
+            and c["demo_rows"] == p.demo_rows and c["n_heldout"] == inp.config.n_heldout
+            and all(m in auto and list(auto[m]["curve"]) == [f"{lr:g}" for lr in lrs] for m in inp.config.ft_methods))
+    return {m: {"chosen": auto[m]["chosen"], "curve": auto[m]["curve"]} for m in inp.config.ft_methods} if twin else None
 
 
 def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir,
-         auto_lrs: tuple[float, ...] = AUTO_LRS, trained: LoadedModel | None = None) -> dict[str, Any]:
+         auto_lrs: tuple[float, ...] = AUTO_LRS, trained: LoadedModel | None = None,
+         trained_results: str | Path | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     if stages_dir is not None:
         remove_stale_temp_files(Path(stages_dir).parent)
@@ -422,7 +446,7 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
         if c.baseline == "trained":
             swept = auto_learning_rates(inp, store, auto_lrs)
         else:
-            rates_of_trained_model(inp, store, auto_lrs, trained)
+            rates_of_trained_model(inp, store, auto_lrs, trained, Path(trained_results) if trained_results else None)
     c = inp.config
     keys = stage_keys(inp)
 

@@ -225,3 +225,35 @@ def test_only_finetuning_stages_are_keyed_by_the_held_out_examples(gqa_model):
     assert keys[0]["icl"] == keys[8]["icl"] == keys[12]["icl"]
     for m in ("gd", "lcgd"):
         assert len({keys[0][m], keys[8][m], keys[12][m]}) == 3
+
+
+def test_a_resumed_grid_takes_the_rates_a_finished_trained_cell_recorded_without_its_sweep(tiny_hf_dir, tmp_path,
+                                                                                          monkeypatch):
+    # another machine: the committed cells are there, the scratch stages are not
+    grid = GridConfig(name="tiny", models=[str(tiny_hf_dir)], baselines=["trained", "untrained"], tasks=["sst2"],
+                      seeds=[0], methods=["gd"], lrs=["auto"], k=3, n_test=4, n_heldout=12, data_dir=str(SHARED_DATA))
+    results = tmp_path / "r"
+    assert run_grid(grid, results, scratch_dir=tmp_path / "machine1")["done"] == 2
+    cells = {json.loads(f.read_text())["config"]["baseline"]: f for f in results.glob("cells/*/results.json")}
+    first = json.loads(cells["untrained"].read_text())["config"]
+    computed = []
+    compute = runner.compute_stage
+    monkeypatch.setattr(runner, "compute_stage", lambda inp, stage, lr=None: computed.append(stage) or compute(inp, stage, lr))
+
+    def rerun_untrained(scratch: str) -> dict:
+        computed.clear()
+        cells["untrained"].unlink()
+        assert run_grid(grid, results, scratch_dir=tmp_path / scratch)["done"] == 2
+        return json.loads(cells["untrained"].read_text())["config"]
+
+    assert rerun_untrained("machine2") == first and computed == ["zs", "icl", "gd"]  # no sweep, same cell
+    # the rate is the one the trained cell recorded (an edited record is followed) ...
+    trained = json.loads(cells["trained"].read_text())
+    other = min(float(lr) for lr in trained["config"]["lr_auto"]["gd"]["curve"] if float(lr) != first["lr_by_method"]["gd"])
+    trained["config"]["lr_auto"]["gd"]["chosen"] = other
+    cells["trained"].write_text(json.dumps(trained))
+    assert rerun_untrained("machine3")["lr_by_method"] == {"gd": other}
+    # ... but only a twin's: other demonstrations mean the sweep is run again
+    trained["config"]["demo_rows"] = trained["config"]["demo_rows"][::-1]
+    cells["trained"].write_text(json.dumps(trained))
+    assert rerun_untrained("machine4") == first and computed.count("gd") == 4 + 1
