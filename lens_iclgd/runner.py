@@ -421,13 +421,14 @@ def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[flo
 
 def recorded_lr_auto(path: Path, inp: Inputs, lrs: tuple[float, ...]) -> dict[str, dict] | None:
     """The `--lr auto` choice a finished trained cell recorded, if it is this cell's twin
-    (same model, task, demonstrations, held-out count, methods and rates); else None."""
+    (same model, task, demonstrations, held-out count, precision, methods and rates); else None."""
     if not path.is_file():
         return None
     c, p = json.loads(path.read_text())["config"], inp.prompts
     auto = c.get("lr_auto") or {}
     twin = (c["baseline"] == "trained" and c["model"] == inp.config.model and c["task"] == inp.config.task
             and c["demo_rows"] == p.demo_rows and c["n_heldout"] == inp.config.n_heldout
+            and c["precision_policy"] == policy(inp.config.precision).as_dict()
             and all(m in auto and list(auto[m]["curve"]) == [f"{lr:g}" for lr in lrs] for m in inp.config.ft_methods))
     return {m: {"chosen": auto[m]["chosen"], "curve": auto[m]["curve"]} for m in inp.config.ft_methods} if twin else None
 
