@@ -13,8 +13,11 @@ export MALLOC_TOP_PAD_ ?= 1073741824
 run: install
 	$(CLI) run --n-test 200 --k 32 --out runs/default
 
+# Two workers: the tests run torch on one thread each, so two of them fill a 2-core machine
+# (TEST_WORKERS=0 runs them in this process). Files that load a real model stay in one worker.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 install: $(VENV)/.installed
 

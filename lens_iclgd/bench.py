@@ -8,9 +8,11 @@ through the chunked vocabulary pass of vocab.py.
 Naive reference: every test example's full prompt, batch 1, `run_with_cache` with full
 logits; GD/LCGD losses from TransformerLens's own unembed with full logits per layer.
 
+Printed first: the machine (CPU model, torch's kernel capability, threads; or the GPU).
 Printed per phase and in total: wall time, tokens/s, achieved GFLOP/s and its share of
-this machine's matmul peak (measured at the start of the same run), peak memory, and the
-largest difference between the two pipelines' outputs. The last line is `speedup: X`.
+this machine's matmul peak (measured at the start of the same run, at the largest n^3
+that takes seconds), peak memory, and the largest difference between the two pipelines'
+outputs. The last line is `speedup: X`.
 
 FLOPs are counted analytically from the model shape (matmuls and attention products of
 the tokens each pipeline really feeds, causal pairs only; padding is not counted).
@@ -18,7 +20,9 @@ the tokens each pipeline really feeds, causal pairs only; padding is not counted
 Precision (precision.py): `--precision-study` also runs the optimised pipeline under each
 candidate policy and prints, per phase, time, speedup over float32 and GFLOP/s against
 the float32 and bfloat16 matmul peaks, then each policy's metric differences from float32
-(precision_study.py) and the policy the fidelity rule picks. The line before the last,
+(precision_study.py) and the policy the fidelity rule picks. It first prints the bfloat16
+probe (hardware.py); where bfloat16 is slower than float32 on the device, no candidate can
+pay off: each is listed as skipped, and the rule keeps float32. The line before the last,
 `precision: ...`, is for the precision the bench was asked for (default: the default).
 `--no-naive` skips the naive pipeline (minutes on a real model); its last line is then
 `speedup: not measured`.
@@ -36,32 +40,15 @@ import torch
 from transformer_lens import HookedTransformerConfig
 
 from .finetune import finetuned
+from .hardware import bf16_probe, device_line, matmul_peak
 from .models import kv_parameters
-from .precision import CANDIDATES, FLOAT32, PrecisionPolicy, add_compute_args, policy
+from .precision import CANDIDATES, FLOAT32, PrecisionPolicy, add_compute_args, policy, require_fast_bf16, uses_bf16
 from .precision_study import choose, fidelity, fidelity_table
 from .prompts import PromptSet
 from .recording import Recording, record, record_reference
 from .runner import RunConfig, prepare
 
 BENCH_MODEL = "gemma-3-270m"  # the benchmark cell (README, Performance), whatever the default model
-
-
-def matmul_peak(seconds: float = 3.0, n: int = 2048, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> float:
-    """Best sustained matmul GFLOP/s in `dtype` on this machine with the current threads."""
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def peak_rss_mb() -> float:
@@ -254,6 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision-study", action="store_true",
                         help=f"also run every candidate precision policy ({', '.join(CANDIDATES)}) against float32")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive pipeline (for development; no speedup)")
+    parser.add_argument("--peak-seconds", type=float, default=3.0,
+                        help="seconds of each matmul-peak measurement (default 3; tests use less)")
 
 
 def _phase_row(a: Phase, peak: float, b: Phase | None = None) -> str:
@@ -304,19 +293,28 @@ def print_precision_table(runs: dict[str, PipelineResult], peak32: float, peak16
 def run_bench(args) -> float:
     cfg_run = RunConfig(task=args.task, model=args.model, k=args.k, n_test=args.n_test, seed=args.seed,
                         lr=args.lr, data_dir=args.data_dir, precision=args.precision, device=args.device).validate()
-    names = list(CANDIDATES) if args.precision_study else []
-    if args.precision != FLOAT32 and args.precision not in names:
-        names.append(args.precision)
-
-    print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
     inp = prepare(cfg_run)  # the same data, model and prompts as `run`
     lm, p, lr = inp.loaded, inp.prompts, inp.config.lr
     device = next(lm.model.parameters()).device
-    peak = matmul_peak(device=device)
-    print(f"matmul peak (float32 2048^3, measured now): {peak:.0f} GFLOP/s", flush=True)
-    peak16 = matmul_peak(dtype=torch.bfloat16, device=device) if names else float("nan")
+    require_fast_bf16(args.precision, device)  # the asked-for precision: one line where it cannot pay off
+    print(f"machine: {device_line(device)}  torch {torch.__version__}")
+    names = list(CANDIDATES) if args.precision_study else []
+    if args.precision != FLOAT32 and args.precision not in names:
+        names.append(args.precision)
+    skipped: list[str] = []
+    if args.precision_study:
+        probe = bf16_probe(device)
+        print(probe.line(), flush=True)
+        if not probe.pays_off:  # every candidate computes some phase in bfloat16
+            skipped = [n for n in names if uses_bf16(n)]
+            names = [n for n in names if n not in skipped]
+            print(f"precision study: skipped {', '.join(skipped)} (bfloat16 is slower than float32 here: "
+                  f"none can pay off); float32 only", flush=True)
+    peak, n32 = matmul_peak(args.peak_seconds, device=device)
+    print(f"matmul peak (float32 {n32}^3, measured now): {peak:.0f} GFLOP/s", flush=True)
+    peak16, n16 = matmul_peak(args.peak_seconds, torch.bfloat16, device) if names else (float("nan"), 0)
     if names:
-        print(f"matmul peak (bfloat16 2048^3, measured now): {peak16:.0f} GFLOP/s", flush=True)
+        print(f"matmul peak (bfloat16 {n16}^3, measured now): {peak16:.0f} GFLOP/s", flush=True)
     print(f"cell: {args.model} {args.task} k={p.k} n_test={len(p.queries)} lr={lr:g} "
           f"(ICL prefix {len(p.icl_prefix())} tokens, mean test prompt {sum(len(q.prompt) for q in p.queries) / len(p.queries):.1f})")
 
@@ -334,20 +332,22 @@ def run_bench(args) -> float:
         print(f"running the optimised pipeline in precision {name} ...", flush=True)
         runs[name] = run_pipeline(lm, p, lr, False, args.batch_size, policy(name), reuse)
     # Measured again after the runs; the higher value is the peak (a conservative share).
-    again = matmul_peak(device=device)
+    again, _ = matmul_peak(args.peak_seconds, device=device, max_n=n32)
     print(f"matmul peak measured again after the runs: {again:.0f} GFLOP/s; using {max(peak, again):.0f}")
     peak = max(peak, again)
     if names:
-        peak16 = max(peak16, matmul_peak(dtype=torch.bfloat16, device=device))
+        peak16 = max(peak16, matmul_peak(args.peak_seconds, torch.bfloat16, device, max_n=n16)[0])
 
     print_naive_comparison(opt, ref, peak)
     fids = {name: fidelity(name, opt.recordings, runs[name].recordings, args.seed) for name in names}
-    if names:
-        print_precision_table(runs, peak, peak16)
-        print(fidelity_table(list(fids.values()), opt.recordings))
+    if names or skipped:
+        if names:
+            print_precision_table(runs, peak, peak16)
+            print(fidelity_table(list(fids.values()), opt.recordings))
         best = choose(list(fids.values()), {n: r.seconds for n, r in runs.items()})
         advice = (f"set precision.MIXED = {best!r} and DEFAULT_PRECISION = 'mixed'" if best != FLOAT32
-                  else "no candidate is within fidelity: keep DEFAULT_PRECISION = 'float32'")
+                  else "no candidate is within fidelity: keep DEFAULT_PRECISION = 'float32'" if names
+                  else "no candidate measured (bfloat16 slower here): keep DEFAULT_PRECISION = 'float32'")
         print(f"rule (fastest within fidelity of float32): {best} ({opt.seconds / runs[best].seconds:.2f}x); {advice}")
     if args.profile:
         profile_phases(lm, p, lr, args.batch_size)

@@ -257,6 +257,8 @@ def quiet_third_party() -> None:
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this
+    if "transformers" in sys.modules:  # imported already (main() called from Python): it read the variable then
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     for category in (DeprecationWarning, FutureWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     for noisy in ("transformers", "datasets", "huggingface_hub", "transformer_lens", "httpx"):

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .device import DEFAULT_DEVICE
+from .device import DEFAULT_DEVICE, resolve_device
 from .errors import TrainingDiverged, UserError
 from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
-from .precision import DEFAULT_PRECISION, FLOAT32, policy
+from .precision import DEFAULT_PRECISION, FLOAT32, policy, require_fast_bf16
 from .progress import bar
 from .recording import DEFAULT_POSITION
 from .lr_rule import AUTO_LRS
@@ -278,6 +278,8 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
             print(f"to run: {cell_id(c)}", flush=True)
         return {"cells": len(mine), "done": len(mine) - len(todo), "failed": 0, "ran": 0}
 
+    for precision, device in sorted({(c.precision, c.device) for c in todo}):
+        require_fast_bf16(precision, resolve_device(device))  # one line before any model loads, not one per cell
     models: dict[tuple, LoadedModel] = {}
     start, ran, failed = time.perf_counter(), 0, 0
     for i, c in bar(enumerate(todo, 1), f"grid {grid.name}", total=len(todo), unit="cell", leave=True):

@@ -212,15 +212,22 @@ def _load_converted(spec: OfflineModel) -> HookedTransformer | None:
 
 
 def _save_converted(spec: OfflineModel, model: HookedTransformer) -> None:
+    """Written to a folder of this process's own, then renamed into place: two processes
+    converting the same model at once (grid shards, test workers) never mix files."""
     folder = converted_dir(spec)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"cfg": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp / "model.pt")
-    model.tokenizer.save_pretrained(tmp / "tokenizer")
-    atomic_write_json(tmp / "meta.json", {"gguf_sha256": spec.sha256, "model_sha256": sha256_file(tmp / "model.pt")})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
+    try:
+        torch.save({"cfg": model.cfg.to_dict(), "state_dict": model.state_dict()}, tmp / "model.pt")
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        atomic_write_json(tmp / "meta.json", {"gguf_sha256": spec.sha256, "model_sha256": sha256_file(tmp / "model.pt")})
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process renamed its conversion (the same weights) into place first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _to_device(model: HookedTransformer, device: torch.device) -> HookedTransformer:

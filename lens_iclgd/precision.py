@@ -13,6 +13,10 @@ mode:
 - `vocab-bf16`: only the vocabulary projection (vocab.py) multiplies in bfloat16; its
   running max, sum and gradient are float32 in every mode.
 
+Whether bfloat16 can pay off on the device is measured too, before any bfloat16 phase
+runs (`require_fast_bf16`, hardware.py's probe): where bfloat16 matmul is slower than
+float32 (an AVX2-only CPU: about 30x), a bfloat16 precision stops with one line.
+
 Where bfloat16 may go is decided by measurement (`lens-iclgd bench --precision-study`):
 GD at small learning rates moves attention outputs by a few percent, which is the size of
 bfloat16 rounding over many layers. The presets are data (`PRESETS`); `MIXED` names the
@@ -32,6 +36,7 @@ import torch
 
 from .device import DEFAULT_DEVICE
 from .errors import UserError
+from .hardware import Bf16Probe, bf16_probe
 
 FLOAT32, BF16, VOCAB_BF16 = "float32", "bfloat16", "vocab-bf16"
 MODES = (FLOAT32, BF16, VOCAB_BF16)
@@ -93,6 +98,23 @@ def within_fidelity(name: str) -> bool:
     chosen, default = policy(name), policy(DEFAULT_PRECISION)
     return all(mode == FLOAT32 or mode == getattr(default, phase)
                for phase, mode in chosen.as_dict().items())
+
+
+def uses_bf16(name: str) -> bool:
+    """Does any phase of this precision compute in bfloat16?"""
+    return any(mode != FLOAT32 for mode in policy(name).as_dict().values())
+
+
+def require_fast_bf16(name: str, device: torch.device | str) -> Bf16Probe | None:
+    """Before any phase of precision `name` runs on `device`: None for float32; else the
+    bfloat16 probe if bfloat16 is faster than float32 there, else a one-line UserError."""
+    if not uses_bf16(name):
+        return None
+    probe = bf16_probe(device)
+    if not probe.pays_off:
+        raise UserError(f"--precision {name} would run slower than float32 here: {probe.line()}; "
+                        f"use --precision float32, or a machine whose bfloat16 matmul is faster")
+    return probe
 
 
 _VOCAB_LOW: ContextVar[bool] = ContextVar("lens_iclgd_vocab_bf16", default=False)

@@ -33,13 +33,14 @@ import torch
 
 from . import metrics as M
 from .ablation import ablation_hooks, parse_ablation
-from .device import DEFAULT_DEVICE, resolve_device
+from .device import DEFAULT_DEVICE, model_device, resolve_device
+from .hardware import describe_cpu
 from .errors import TrainingDiverged, UserError, check_int, check_lr
 from .finetune import METHODS as FT_METHODS
 from .finetune import FinetuneLog, check_method, check_step_unit, finetuned
 from .lr_rule import AUTO_HELDOUT, AUTO_LRS, best_lr, chosen_rate
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
-from .precision import DEFAULT_PRECISION, FLOAT32, check_precision, policy, within_fidelity
+from .precision import DEFAULT_PRECISION, FLOAT32, check_precision, policy, require_fast_bf16, within_fidelity
 from .prompts import PromptSet, build_prompts
 from .recording import DEFAULT_POSITION, Recording, check_position, record
 from .store import (StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key,
@@ -439,6 +440,8 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
     t_start = time.perf_counter()
     if stages_dir is not None:
         remove_stale_temp_files(Path(stages_dir).parent)
+    # measured, not assumed: a bfloat16 phase where bfloat16 is slower stops here, before the model loads
+    bf16 = require_fast_bf16(config.precision, model_device(loaded.model) if loaded else resolve_device(config.device))
     inp = prepare(config, loaded)
     c, p = inp.config, inp.prompts
     store = StageStore(Path(stages_dir)) if stages_dir is not None else None
@@ -472,6 +475,9 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
         timings["reused"] = reused
     # the process's peak resident memory so far (in a grid: over the cells run before, too)
     timings["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    timings["machine"] = describe_cpu()  # what the seconds were measured on
+    if bf16 is not None:
+        timings["bf16_probe"] = bf16.as_dict()
     if out is not None:
         atomic_write_json(Path(out) / "timings.json", timings)
         write_results(Path(out), results, examples_table(inp, stages), per_layer_table(inp, stages))

@@ -99,6 +99,34 @@ def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 600):
     return subprocess.run([sys.executable, "-m", "lens_iclgd.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def cli_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """`lens-iclgd ARGS` in this process: (exit code, stdout, stderr). The same main() as
+    the console script, without a new interpreter importing torch and TransformerLens
+    (10 s a call on a 2-core AVX2 machine); tests of the process boundary itself (exit codes
+    on usage errors, --debug tracebacks) use run_cli. The logging, warning and environment
+    settings main() makes are put back afterwards."""
+    import logging
+    import warnings
+
+    from lens_iclgd.cli import main
+
+    root = logging.getLogger()
+    handlers, level, environ = root.handlers[:], root.level, dict(os.environ)
+    capsys.readouterr()
+    try:
+        with warnings.catch_warnings():
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        root.handlers[:], root.level = handlers, level
+        os.environ.clear()
+        os.environ.update(environ)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama-architecture model saved as a local Hugging Face directory, so

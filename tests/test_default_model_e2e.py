@@ -9,7 +9,7 @@ from conftest import SHARED_DATA, run_cli
 from lens_iclgd.models import DEFAULT_MODEL
 from lens_iclgd.runner import RunConfig, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("qwen")]  # one worker loads the model
 
 
 @pytest.mark.parametrize("task", ["sst2", "subj"])

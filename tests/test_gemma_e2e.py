@@ -13,7 +13,7 @@ from lens_iclgd.prompts import build_prompts
 from lens_iclgd.recording import record, record_reference
 from lens_iclgd.tasks import load_task
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gemma")]  # one worker loads the model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, run_cli
+from conftest import ROOT, SHARED_DATA, cli_in_process, run_cli
 from lens_iclgd.grid import cell_id, cells, load_grid, shard
 from lens_iclgd.report import collect, write_report
 
@@ -159,13 +159,13 @@ def test_diverging_cell_is_recorded_and_the_others_finish(tmp_path, tiny_hf_dir)
     ('name = "x"\ntasks = ["sst2"]\ncolour = 3\n', "unknown key"),
     (None, "does not exist"),
 ])
-def test_bad_grid_configs(tmp_path, body, message):
+def test_bad_grid_configs(tmp_path, body, message, capsys):
     path = tmp_path / "g.toml"
     if body is not None:
         path.write_text(body)
-    proc = run_cli(["grid", str(path), "--results", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA)])
-    assert proc.returncode == 1
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    code, _, stderr = cli_in_process(["grid", str(path), "--results", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA)], capsys)
+    assert code == 1
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr
 
 
 def test_default_lr_cells_follow_the_learning_rate_table(tmp_path, monkeypatch, tiny_hf_dir):
@@ -223,3 +223,19 @@ def test_bad_new_grid_keys(tmp_path, tiny_hf_dir, over, message):
 
     with pytest.raises(UserError, match=message):
         load_grid(_grid_file(tmp_path, tiny_hf_dir, **over))
+
+
+def test_a_bfloat16_grid_stops_in_one_line_where_bfloat16_is_slower(tmp_path, tiny_hf_dir, monkeypatch, capsys):
+    """One line before any model loads or cell runs (not a failure per cell); --dry-run
+    still lists the cells."""
+    from lens_iclgd import precision
+    from lens_iclgd.hardware import Bf16Probe
+
+    monkeypatch.setattr(precision, "bf16_probe", lambda device: Bf16Probe("cpu", 1.0, 30.0, "test CPU, AVX2, 1 threads"))
+    config = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], precision="mixed")
+    results = tmp_path / "r"
+    code, _, stderr = cli_in_process(["grid", str(config), "--results", str(results), "--dry-run"], capsys)
+    assert code == 0
+    code, stdout, stderr = cli_in_process(["grid", str(config), "--results", str(results)], capsys)
+    assert code == 1 and stderr.count("\n") == 1 and "--precision mixed would run slower than float32 here" in stderr
+    assert not list(results.glob("cells/*")) and "loading" not in stdout

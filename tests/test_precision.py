@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 from contextlib import nullcontext
 
 import pytest
@@ -121,10 +122,12 @@ def test_precision_enters_stage_keys_and_cell_ids_only_when_not_float32(gqa_mode
     assert len({f32[1], train_bf16[1], bf16[1]}) == 3 and "__bfloat16__" in bf16[1]
 
 
-def test_run_records_the_precision_policy(tiny_hf_dir, tmp_path):
+def test_run_records_the_precision_policy(tiny_hf_dir, tmp_path, monkeypatch):
     from conftest import SHARED_DATA
+    from lens_iclgd.hardware import PROBE_ENV
     from lens_iclgd.runner import RunConfig, run
 
+    monkeypatch.setenv(PROBE_ENV, "fast")  # whatever this CPU's bfloat16 speed (tested above)
     c = RunConfig(task="sst2", model=str(tiny_hf_dir), data_dir=str(SHARED_DATA), k=2, n_test=4, lr=0.01,
                   methods=("gd",), precision="bfloat16", device="cpu")
     cfg = run(c, tmp_path / "out")["config"]
@@ -222,3 +225,97 @@ def test_progress_bars_draw_on_a_terminal_unless_quiet(gqa_model, sst2_rows, mon
             progress.set_quiet(False)
         drawn = term.getvalue()
         assert (("recording" in drawn and "gd training" in drawn) if not quiet else drawn == ""), drawn
+
+
+# --- the bfloat16 probe: measured before any bfloat16 phase runs -----------------------------
+
+
+def _probe(fast: bool):
+    from lens_iclgd.hardware import Bf16Probe
+
+    return Bf16Probe("cpu", 1.0, 0.5 if fast else 30.0, "test CPU, AVX2, 1 threads")
+
+
+def test_bf16_probe_measures_both_dtypes_and_decides_by_their_ratio(monkeypatch):
+    """The probe's decision agrees with an independent timing of the same matmuls wherever
+    the two dtypes differ by more than 2x (AVX2-only CPUs: bfloat16 ~30x slower; AVX-512
+    with avx512_bf16: 3-5x faster)."""
+    import time
+
+    from lens_iclgd.hardware import PROBE_ENV, PROBE_SHAPE, bf16_probe
+
+    monkeypatch.delenv(PROBE_ENV, raising=False)
+    probe = bf16_probe("cpu")
+    assert probe.override is None and probe.float32_ms > 0 and probe.bfloat16_ms > 0
+    assert probe.pays_off == (probe.bfloat16_ms < probe.float32_ms)
+    assert torch.backends.cpu.get_cpu_capability() in probe.line() and "float32" in probe.line()
+
+    def best_ms(dtype, reps=3):
+        rows, inner, cols = PROBE_SHAPE
+        a, b = torch.randn(rows, inner).to(dtype), torch.randn(inner, cols).to(dtype)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return 1e3 * min(times)
+
+    ratio = best_ms(torch.bfloat16) / best_ms(torch.float32)
+    if ratio > 2 or ratio < 0.5:
+        assert probe.pays_off == (ratio < 1), (probe.line(), ratio)
+
+
+def test_bf16_probe_override_is_stated_and_checked(monkeypatch):
+    from lens_iclgd.hardware import PROBE_ENV, bf16_probe
+
+    for value, pays in (("fast", True), ("slow", False)):
+        monkeypatch.setenv(PROBE_ENV, value)
+        probe = bf16_probe("cpu")
+        assert probe.pays_off is pays and probe.override == value and f"{PROBE_ENV}={value} (not measured)" in probe.line()
+    monkeypatch.setenv(PROBE_ENV, "maybe")
+    with pytest.raises(UserError, match=f"{PROBE_ENV}='maybe': use fast or slow") as err:
+        bf16_probe("cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_require_fast_bf16_stops_in_one_line_where_bfloat16_is_slower(monkeypatch):
+    from lens_iclgd import precision
+
+    def no_probe(device):
+        raise AssertionError("float32 must not probe")
+
+    monkeypatch.setattr(precision, "bf16_probe", no_probe)
+    assert precision.require_fast_bf16("float32", "cpu") is None
+    monkeypatch.setattr(precision, "bf16_probe", lambda device: _probe(fast=False))
+    for name in ("mixed", "bfloat16", "train-bf16", "train-icl-bf16", "train-vocab-bf16"):
+        with pytest.raises(UserError) as err:
+            precision.require_fast_bf16(name, "cpu")
+        msg = str(err.value)
+        assert "\n" not in msg and f"--precision {name} would run slower than float32 here" in msg
+        assert "30.0x slower" in msg and "use --precision float32" in msg
+    monkeypatch.setattr(precision, "bf16_probe", lambda device: _probe(fast=True))
+    assert precision.require_fast_bf16("mixed", "cpu").pays_off
+
+
+def test_run_with_slow_bfloat16_stops_before_any_compute(tiny_hf_dir, tmp_path, monkeypatch):
+    """On a CPU where bfloat16 loses, `run --precision mixed` computes nothing and leaves
+    nothing behind; where it wins, the probe is recorded beside the timings."""
+    from conftest import SHARED_DATA
+    from lens_iclgd import precision, runner
+    from lens_iclgd.runner import RunConfig, run
+
+    c = RunConfig(task="sst2", model=str(tiny_hf_dir), data_dir=str(SHARED_DATA), k=2, n_test=4, lr=0.01,
+                  methods=("gd",), precision="mixed", device="cpu")
+    monkeypatch.setattr(precision, "bf16_probe", lambda device: _probe(fast=False))
+    real_compute = runner.compute_stage
+    monkeypatch.setattr(runner, "compute_stage", lambda *a, **k: pytest.fail("computed a stage"))
+    with pytest.raises(UserError, match="would run slower than float32 here"):
+        run(c, tmp_path / "slow")
+    assert not (tmp_path / "slow").exists()
+    monkeypatch.setattr(runner, "compute_stage", real_compute)
+    monkeypatch.setattr(precision, "bf16_probe", lambda device: _probe(fast=True))
+    run(c, tmp_path / "fast")
+    timings = json.loads((tmp_path / "fast" / "timings.json").read_text())
+    assert timings["bf16_probe"]["pays_off"] is True and timings["bf16_probe"]["bfloat16_ms"] == 0.5
+    assert timings["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()

@@ -4,6 +4,8 @@ of the declared shape against the converted model. No network, no real model."""
 
 import hashlib
 import json
+import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -264,3 +266,30 @@ def test_models_command_lists_the_zoo_with_the_measured_icl_gain(tmp_path):
     (tmp_path / "bad.toml").write_text(_toml({**GOOD, "sha256": "abc"}))
     proc = run_cli(["models", str(tmp_path / "bad.toml")])
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "sha256" in proc.stderr
+
+
+def test_concurrent_conversions_of_one_model_leave_one_intact_copy(tmp_path, monkeypatch):
+    """Two processes converting the same model at once (grid shards, test workers): each
+    writes a folder of its own; whichever renames second finds the place taken and drops
+    its copy, and a stale partial folder of a killed process is not in anyone's way."""
+    monkeypatch.setenv("LENS_ICLGD_CACHE", str(tmp_path / "cache"))
+    tiny = tiny_model(word_tokenizer(["a tiny model file"]), gqa=True)
+    spec = zoo.load_model_file(_local_model(tmp_path, b"GGUF not converted here", **zoo.measured_shape(tiny.model)))
+    folder = models.converted_dir(spec)
+    folder.parent.mkdir(parents=True)
+    (folder.parent / (folder.name + ".partial-killed")).mkdir()  # left by a kill -9
+    real_replace = os.replace
+
+    def other_process_first(src, dst):  # another process renames its (identical) conversion into place just before us
+        if Path(dst) == folder and not folder.exists():
+            shutil.copytree(src, tmp_path / "other")
+            real_replace(tmp_path / "other", dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", other_process_first)
+    models._save_converted(spec, tiny.model)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, folder.name + ".partial-killed"])
+    loaded = models._load_converted(spec)
+    for (n, a), b in zip(tiny.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
