@@ -79,6 +79,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-unit", default="demo", choices=("demo", "token"),
                    help="one SGD step per demonstration (default, the paper's code) or per next-token target")
     p.add_argument("--balanced", action="store_true", help="demonstrations with an equal count per label (default: plain random sample)")
+    p.add_argument("--loss-reduction", default="sum", choices=("sum", "mean"),
+                   help="each SGD step on the loss summed over the demonstration's tokens (default: the committed cells) "
+                        "or their mean (the paper's code); rates differ by about the token count")
 
 
 def _config_from_args(args) -> "RunConfig":
@@ -89,6 +92,7 @@ def _config_from_args(args) -> "RunConfig":
         seed=args.seed, n_test=args.n_test, lr=args.lr, data_dir=args.data_dir, position=args.position,
         ablate=args.ablate, ablate_mode=args.ablate_mode, n_heldout=args.n_heldout, batch_size=args.batch_size,
         precision=args.precision, device=args.device, step_unit=args.step_unit, balanced=args.balanced,
+        loss_reduction=args.loss_reduction,
     )
 
 

@@ -5,6 +5,12 @@ biases where the pretrained model has them; GQA models hold them in `attn._W_K`,
 `attn._W_V`); plain SGD, batch size 1, one pass over the k demonstrations in ICL order;
 the loss of a demonstration is the next-token cross-entropy summed over all its tokens.
 
+Loss reduction: `sum` (this project's committed cells) steps on the loss summed over the
+scored tokens, so a step grows with the demonstration's length; `mean` (the paper's code:
+fairseq divides the summed loss's gradient by the number of target tokens) steps on the
+token-mean, for LCGD the sum over layers of each layer's token-mean. Rates for one do not
+carry over to the other (they differ by about the demonstrations' token count).
+
 Step unit: `demo` (the paper's code, the default) takes one SGD step per demonstration on
 that summed loss; `token` (the paper's text for LCGD, "one token at a time") takes one step
 per next-token target, in order, each on a fresh forward of the demonstration up to the
@@ -44,6 +50,8 @@ from .vocab import linear_cross_entropy
 
 METHODS = ("gd", "lcgd")
 STEP_UNITS = ("demo", "token")
+LOSS_REDUCTIONS = ("sum", "mean")
+DEFAULT_LOSS_REDUCTION = "sum"  # the committed cells' protocol until rates for "mean" are swept (issue 31)
 
 
 def _unembed_loss(model: HookedTransformer, resid: Float[Tensor, "n d_model"], targets: Tensor) -> Tensor:
@@ -118,6 +126,13 @@ class FinetuneLog:
     losses: Float[Tensor, "step layer"]  # GD: one column; LCGD: one per layer
     grad_norms: Float[Tensor, "layer step"]  # L2 norm of each layer's K/V gradient
     step_unit: str = "demo"  # a step per demonstration, or per next-token target
+    loss_reduction: str = DEFAULT_LOSS_REDUCTION  # what each step's loss (and `losses`) is: sum or mean over targets
+
+
+def check_loss_reduction(loss_reduction: str) -> None:
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise UserError(f"unknown loss reduction {loss_reduction!r}: use mean (the paper's code: token-mean per "
+                        f"demonstration) or sum (summed over its tokens)")
 
 
 def check_step_unit(step_unit: str) -> None:
@@ -156,6 +171,7 @@ def train(
     reference: bool = False,
     precision: str = FLOAT32,
     step_unit: str = "demo",
+    loss_reduction: str = DEFAULT_LOSS_REDUCTION,
 ) -> FinetuneLog:
     """One SGD pass over the demonstrations, updating K/V in place (see `finetuned`).
     `reference=True` uses the straightforward losses on plain TransformerLens.
@@ -165,6 +181,7 @@ def train(
     check_method(method)
     check_lr(lr)
     check_step_unit(step_unit)
+    check_loss_reduction(loss_reduction)
     if not demos:
         raise UserError("finetuning needs at least one demonstration")
     layers = kv_parameters(model, kv_bias)
@@ -186,6 +203,8 @@ def train(
                 with computing(precision, dev):
                     loss = (reference_losses(model, tokens, method, next_token) if reference
                             else _LOSSES[method](model, tokens, next_token))
+                if loss_reduction == "mean":  # each layer's loss over its scored targets
+                    loss = loss / (tokens.shape[1] - 1 if next_token is None else 1)
                 bad = (~torch.isfinite(loss.detach())).nonzero()
                 if len(bad):
                     layer = int(bad[0]) if method == "lcgd" else None
@@ -204,7 +223,8 @@ def train(
         for p, flag in was_trainable.items():
             p.requires_grad_(flag)
             p.grad = None
-    return FinetuneLog(method, lr, torch.stack(losses).float().cpu() if losses else torch.zeros(0, 1, device="cpu"), norms.cpu(), step_unit)
+    return FinetuneLog(method, lr, torch.stack(losses).float().cpu() if losses else torch.zeros(0, 1, device="cpu"), norms.cpu(), step_unit,
+                       loss_reduction)
 
 
 @contextmanager
@@ -219,13 +239,14 @@ def finetuned(
     reference: bool = False,
     precision: str = FLOAT32,
     step_unit: str = "demo",
+    loss_reduction: str = DEFAULT_LOSS_REDUCTION,
 ) -> Iterator[FinetuneLog]:
     """Train K/V in place for the duration of the block, then restore the original
     weights (cheaper than copying the whole model: K/V are a few % of it)."""
     params = [p for ps in kv_parameters(model, kv_bias).values() for _, p in ps]
     saved = [p.detach().clone() for p in params]
     try:
-        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference, precision, step_unit)
+        yield train(model, demos, bos, method, lr, kv_bias, hooks, reference, precision, step_unit, loss_reduction)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

@@ -32,6 +32,7 @@ from typing import Any
 
 from .device import DEFAULT_DEVICE, resolve_device
 from .errors import TrainingDiverged, UserError
+from .finetune import DEFAULT_LOSS_REDUCTION
 from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
 from .precision import DEFAULT_PRECISION, FLOAT32, policy, require_fast_bf16
 from .progress import bar
@@ -69,12 +70,13 @@ class GridConfig:
     data_fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
     step_unit: str = "demo"
     balanced: bool = False
+    loss_reduction: str = DEFAULT_LOSS_REDUCTION
 
 
 _LISTS = {"tasks": str, "models": str, "baselines": str, "seeds": int, "methods": str, "lrs": (int, float, str), "ablations": str}
 _SCALARS = {"name": str, "ablate_mode": str, "k": int, "n_test": int, "n_heldout": int, "position": str,
             "batch_size": int, "data_dir": str, "description": str, "precision": str, "device": str,
-            "step_unit": str, "balanced": bool}
+            "step_unit": str, "balanced": bool, "loss_reduction": str}
 
 
 def load_grid(path: str | Path) -> GridConfig:
@@ -128,7 +130,8 @@ def cells(grid: GridConfig) -> list[RunConfig]:
                                 k=grid.k, seed=seed, n_test=grid.n_test, lr=lr, data_dir=grid.data_dir,
                                 position=grid.position, ablate=ablate, ablate_mode=grid.ablate_mode,
                                 n_heldout=grid.n_heldout, batch_size=grid.batch_size, step_unit=grid.step_unit,
-                                balanced=grid.balanced, precision=grid.precision, device=grid.device))
+                                balanced=grid.balanced, precision=grid.precision, device=grid.device,
+                                loss_reduction=grid.loss_reduction))
     return out
 
 
@@ -157,7 +160,7 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     settings.pop("device")  # where a cell runs, not what it computes
     if settings.pop("precision") != FLOAT32:  # hashed by what it means, so redefining a preset reruns
         settings["precision_policy"] = policy(c.precision).as_dict()
-    for name, neutral in (("step_unit", "demo"), ("balanced", False)):  # hashed only when set: old ids stay valid
+    for name, neutral in (("step_unit", "demo"), ("balanced", False), ("loss_reduction", "sum")):  # hashed only when set: old ids stay valid
         if settings[name] == neutral:
             settings.pop(name)
     if c.lr in (None, "shared") and c.ft_methods:  # the id follows learning_rates.toml, so an edit there reruns
@@ -173,6 +176,8 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
         readable += f"__step-{c.step_unit}"
     if c.balanced:
         readable += "__balanced"
+    if c.loss_reduction != "sum":
+        readable += f"__loss-{c.loss_reduction}"
     if c.ablate:
         readable += f"__ablate-{c.ablate_mode}-{c.ablate}"
     if c.precision != FLOAT32:

@@ -3,8 +3,8 @@ bfloat16 matrix products are faster than float32 ones on a device.
 
 Why measure: the CPUs this project runs on differ. On an AMD EPYC with AVX-512 and
 avx512_bf16, bfloat16 matmul is 3-5x faster than float32; on one with AVX2 only, torch has
-no fast bfloat16 kernel and bfloat16 matmul is about 30x *slower* (1.3 vs 40 GFLOP/s,
-measured on a 2-core AVX2 EPYC). GPUs differ the same way (no bfloat16 units before
+no fast bfloat16 kernel and bfloat16 matmul is 30-100x *slower* (2-core AVX2 EPYCs: 1.4
+GFLOP/s against 80-149 for float32 at 2048^3, two threads). GPUs differ the same way (no bfloat16 units before
 Ampere). So no bfloat16 phase runs until `bf16_probe` has timed both dtypes on the device.
 
 `LENS_ICLGD_BF16_PROBE=fast|slow` replaces the measurement by a stated answer (tests,
@@ -23,8 +23,8 @@ from functools import lru_cache
 import torch
 
 # The probe's shape: a batch of test-prompt rows through a d_model x d_model projection,
-# the pipeline's typical matmul (d_model 576-896 for the offline models). At 40 GFLOP/s
-# float32 takes about 2 ms; bfloat16 at 1.3 GFLOP/s about 50 ms.
+# the pipeline's typical matmul (d_model 576-896 for the offline models). On a 2-core AVX2
+# EPYC float32 takes about 0.7 ms, bfloat16 about 47 ms (1.4 GFLOP/s).
 PROBE_SHAPE = (128, 512, 512)  # (rows, inner, columns)
 PROBE_ENV = "LENS_ICLGD_BF16_PROBE"
 
@@ -126,7 +126,7 @@ class Bf16Probe:
 
 def bf16_probe(device: torch.device | str = "cpu") -> Bf16Probe:
     """Time float32 and bfloat16 matmul on `device` (once per process, device and thread
-    count; about 0.1 s where bfloat16 is slow, a few ms where it is fast)."""
+    count; about 0.15 s where bfloat16 is slow, a few ms where it is fast)."""
     device = torch.device(device)
     override = os.environ.get(PROBE_ENV, "").strip().lower() or None
     if override is not None:
@@ -140,8 +140,8 @@ def bf16_probe(device: torch.device | str = "cpu") -> Bf16Probe:
 
 @lru_cache(maxsize=None)
 def _measured_probe(device: str, threads: int) -> Bf16Probe:
-    f32 = time_matmul(*PROBE_SHAPE, torch.float32, device)
-    bf16 = time_matmul(*PROBE_SHAPE, torch.bfloat16, device)
+    f32 = time_matmul(*PROBE_SHAPE, torch.float32, device, budget_s=0.1)
+    bf16 = time_matmul(*PROBE_SHAPE, torch.bfloat16, device, budget_s=0.1)
     return Bf16Probe(device, 1e3 * f32, 1e3 * bf16, device_line(device))
 
 

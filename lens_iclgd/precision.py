@@ -15,7 +15,7 @@ mode:
 
 Whether bfloat16 can pay off on the device is measured too, before any bfloat16 phase
 runs (`require_fast_bf16`, hardware.py's probe): where bfloat16 matmul is slower than
-float32 (an AVX2-only CPU: about 30x), a bfloat16 precision stops with one line.
+float32 (an AVX2-only CPU: 30-100x), a bfloat16 precision stops with one line.
 
 Where bfloat16 may go is decided by measurement (`lens-iclgd bench --precision-study`):
 GD at small learning rates moves attention outputs by a few percent, which is the size of

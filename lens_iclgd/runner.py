@@ -37,7 +37,7 @@ from .device import DEFAULT_DEVICE, model_device, resolve_device
 from .hardware import describe_cpu
 from .errors import TrainingDiverged, UserError, check_int, check_lr
 from .finetune import METHODS as FT_METHODS
-from .finetune import FinetuneLog, check_method, check_step_unit, finetuned
+from .finetune import DEFAULT_LOSS_REDUCTION, FinetuneLog, check_loss_reduction, check_method, check_step_unit, finetuned
 from .lr_rule import AUTO_HELDOUT, AUTO_LRS, best_lr, chosen_rate
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
 from .precision import DEFAULT_PRECISION, FLOAT32, check_precision, policy, require_fast_bf16, within_fidelity
@@ -78,6 +78,7 @@ class RunConfig:
     device: str = DEFAULT_DEVICE  # auto | cpu | cuda[:i] | mps; where, never what: not in ids or keys
     step_unit: str = "demo"  # one SGD step per demonstration (the paper's code) or per token
     balanced: bool = False  # demonstrations with an equal count per label (else a plain random sample)
+    loss_reduction: str = DEFAULT_LOSS_REDUCTION  # each SGD step on the summed or token-mean loss (finetune.py)
 
     def validate(self) -> "RunConfig":
         """Check types and ranges before any compute; return a normalised copy."""
@@ -93,6 +94,7 @@ class RunConfig:
         elif self.lr is not None:
             check_lr(self.lr)
         check_step_unit(self.step_unit)
+        check_loss_reduction(self.loss_reduction)
         need(isinstance(self.balanced, bool), f"balanced must be true or false, got {self.balanced!r}")
         methods = tuple(self.methods)
         need(len(methods) > 0, "methods is empty: give some of icl, gd, lcgd")
@@ -109,6 +111,10 @@ class RunConfig:
         # ICL is always recorded when a finetuning method is: every metric compares to it.
         ordered = tuple(m for m in SETTINGS if m in methods or (m == "icl" and set(methods) & set(FT_METHODS)))
         lr = self.lr if self.lr is None or isinstance(self.lr, str) else float(self.lr)
+        # learning_rates.toml holds rates chosen for the summed loss; mean steps are ~token-count smaller
+        need(not (self.loss_reduction != "sum" and lr in (None, "shared") and set(ordered) & set(FT_METHODS)),
+             f"--loss-reduction {self.loss_reduction} has no chosen learning rates yet (learning_rates.toml is for "
+             f"the summed loss): pass --lr <rate> or --lr auto")
         # --lr auto scores held-out training examples; 32 unless the user chose a number
         n_heldout = AUTO_HELDOUT if lr == "auto" and not self.n_heldout and set(ordered) & set(FT_METHODS) else self.n_heldout
         return dataclasses.replace(self, methods=ordered, lr=lr, n_heldout=n_heldout)
@@ -334,6 +340,8 @@ def stage_keys(inp: Inputs, lrs: dict[str, float] | None = None) -> dict[str, st
               "heldout": config_key([(q.index, q.prompt) for q in p.heldout]), **extra[m]}
         if c.step_unit != "demo":  # only when not neutral: default stage keys stay as they were
             ft["step_unit"] = c.step_unit
+        if c.loss_reduction != "sum":  # the committed cells' stage keys stay as they were
+            ft["loss_reduction"] = c.loss_reduction
         keys[m] = config_key(ft)
     return keys
 
@@ -357,7 +365,7 @@ def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str,
         check_method(stage)
         assert lr is not None
         with finetuned(model, p.demos, p.bos, stage, lr, lm.kv_bias, inp.hooks, precision=pol.train,
-                       step_unit=c.step_unit) as ft_log:
+                       step_unit=c.step_unit, loss_reduction=c.loss_reduction) as ft_log:
             out["recording"] = rec(p.zs_prefix(), p.queries, pol.eval)
             if p.heldout:
                 out["heldout"] = rec(p.zs_prefix(), p.heldout, pol.eval)

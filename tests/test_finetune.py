@@ -212,9 +212,10 @@ def test_overflowing_weights_stop_training(gqa_model, sst2_rows):
         train(gqa_model.model, p.demos, p.bos, "gd", 1e38, False)
 
 
-def _plain_sgd(model, demos, bos, method, lr, step_unit):
+def _plain_sgd(model, demos, bos, method, lr, step_unit, reduction="sum"):
     """An independent SGD loop: plain TransformerLens forwards, F.cross_entropy on full
-    logits, per-layer losses block by block on detached inputs (LCGD), manual updates."""
+    logits, per-layer losses block by block on detached inputs (LCGD), manual updates.
+    `reduction` "mean": each (layer's) loss is F.cross_entropy's mean over the step's targets."""
     kv = kv_parameters(model, False)
     params = _only_kv_trainable(model, kv)
     n_steps = 0
@@ -226,11 +227,11 @@ def _plain_sgd(model, demos, bos, method, lr, step_unit):
         for length, positions in plan:
             inputs, targets = tokens[:, :length], tokens[0, [p + 1 for p in positions]]
             if method == "gd":
-                loss = F.cross_entropy(model(inputs)[0, positions], targets, reduction="sum")
+                loss = F.cross_entropy(model(inputs)[0, positions], targets, reduction=reduction)
             else:
                 _, cache = model.run_with_cache(inputs)
                 loss = sum(F.cross_entropy(model.unembed(model.ln_final(model.blocks[l](cache[f"blocks.{l}.hook_resid_pre"].detach())))[0, positions],
-                                           targets, reduction="sum") for l in range(model.cfg.n_layers))
+                                           targets, reduction=reduction) for l in range(model.cfg.n_layers))
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for q, g in zip(params, grads):
@@ -268,3 +269,47 @@ def test_unknown_step_unit(gqa_model, sst2_rows):
     p = _demos(gqa_model, sst2_rows)
     with pytest.raises(UserError, match="unknown step unit 'word'"):
         train(gqa_model.model, p.demos, p.bos, "gd", 0.01, False, step_unit="word")
+
+
+@pytest.mark.parametrize("method", ["gd", "lcgd"])
+def test_mean_loss_reduction_equals_a_plain_sgd_loop_on_token_mean_losses(tokenizer, sst2_rows, method):
+    """--loss-reduction mean (the paper's code: fairseq divides the summed loss's gradient
+    by the demonstration's target count) against an independent loop on F.cross_entropy's
+    mean, to 1e-6; and with one demonstration, mean at lr is sum at lr / (its targets)."""
+    lm = tiny_model(tokenizer, gqa=True)
+    p = _demos(lm, sst2_rows, k=3)
+    start = copy.deepcopy(lm.model)
+    kv_names = set(_kv(lm))
+
+    def kv_after(model):
+        return {n: q.detach().clone() for n, q in model.named_parameters() if n in kv_names}
+
+    lr = 0.5
+    model, ref = copy.deepcopy(start), copy.deepcopy(start)
+    log = train(model, p.demos, p.bos, method, lr, False, loss_reduction="mean")
+    _plain_sgd(ref, p.demos, p.bos, method, lr, "demo", reduction="mean")
+    assert log.loss_reduction == "mean"
+    got, want = kv_after(model), kv_after(ref)
+    for n in got:
+        assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-5), n
+        assert not torch.equal(got[n], dict(start.named_parameters())[n]), n
+    summed = copy.deepcopy(start)
+    train(summed, p.demos, p.bos, method, lr, False, loss_reduction="sum")
+    assert any(not torch.allclose(kv_after(summed)[n], got[n], atol=1e-4) for n in got)
+
+    one = p.demos[:1]
+    n_targets = len(p.bos + one[0]) - 1
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    log_mean = train(a, one, p.bos, method, lr, False, loss_reduction="mean")
+    log_sum = train(b, one, p.bos, method, lr / n_targets, False, loss_reduction="sum")
+    assert torch.allclose(log_mean.losses * n_targets, log_sum.losses, rtol=1e-5)
+    for n, q in kv_after(a).items():
+        assert torch.allclose(q, kv_after(b)[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_unknown_loss_reduction(gqa_model, sst2_rows):
+    from lens_iclgd.errors import UserError
+
+    p = _demos(gqa_model, sst2_rows)
+    with pytest.raises(UserError, match="unknown loss reduction 'avg': use mean"):
+        train(gqa_model.model, p.demos, p.bos, "gd", 0.01, False, loss_reduction="avg")

@@ -239,3 +239,29 @@ def test_a_bfloat16_grid_stops_in_one_line_where_bfloat16_is_slower(tmp_path, ti
     code, stdout, stderr = cli_in_process(["grid", str(config), "--results", str(results)], capsys)
     assert code == 1 and stderr.count("\n") == 1 and "--precision mixed would run slower than float32 here" in stderr
     assert not list(results.glob("cells/*")) and "loading" not in stdout
+
+
+def test_loss_reduction_is_a_grid_key_and_enters_ids_only_when_mean(tmp_path, tiny_hf_dir, capsys):
+    plain = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01]))
+    explicit = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], loss_reduction="sum"))
+    mean = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], loss_reduction="mean"))
+    (c0,), (c_sum,), (c_mean,) = cells(plain), cells(explicit), cells(mean)
+    assert cell_id(c_sum) == cell_id(c0)  # the committed (summed-loss) cells keep their ids
+    assert c_mean.loss_reduction == "mean" and "__loss-mean__" in cell_id(c_mean) and cell_id(c_mean) != cell_id(c0)
+    with pytest.raises(Exception, match="unknown loss reduction 'avg'"):
+        for c in cells(load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], loss_reduction="avg"))):
+            c.validate()
+    with pytest.raises(Exception, match="--loss-reduction mean has no chosen learning rates yet"):
+        load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"], loss_reduction="mean"))
+    # through the CLI: recorded in results.json; the ZS/ICL stages are shared, the finetuned ones are not
+    out = tmp_path / "runs"
+    base = ["run", "--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(SHARED_DATA), "--k", "3",
+            "--n-test", "6", "--lr", "0.01", "--methods", "gd"]
+    assert cli_in_process([*base, "--out", str(out / "sum")], capsys)[0] == 0
+    code, stdout, _ = cli_in_process([*base, "--loss-reduction", "mean", "--out", str(out / "mean"),
+                                      ], capsys)
+    assert code == 0
+    r_sum, r_mean = (json.loads((out / n / "results.json").read_text()) for n in ("sum", "mean"))
+    assert (r_sum["config"]["loss_reduction"], r_mean["config"]["loss_reduction"]) == ("sum", "mean")
+    assert r_mean["losses"]["gd"] != r_sum["losses"]["gd"]
+    assert r_sum["accuracy"]["zs"] == r_mean["accuracy"]["zs"]
