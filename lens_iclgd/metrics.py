@@ -11,6 +11,9 @@ keys are the same in every setting of an example and are left out of the cosine)
 - SimAM_delta   cos(m_ICL - m_ZS, m_FT - m_ZS) per head
 - alpha         cos(m_LCGD - m_ZS, m_GD - m_ZS) per head
 - Rec2FTP       of the examples ZS gets wrong and FT right, the share ICL also gets right
+- update size   |h_FT - h_ZS| / |h_ZS| per example and layer: how far finetuning moved each
+                layer's attention output (a scale to read the cosines against; ICL's own
+                |h_ICL - h_ZS| / |h_ZS| is the same quantity for the ICL side)
 
 Three random baselines for SimAOU, each with a random vector in place of the FT side:
 - SimAOU_random          cos(h_ICL - h_ZS, r), r uniform in [0,1)^d used as the update
@@ -110,6 +113,14 @@ def simam_delta(m_icl: Scores, m_zs: Scores, m_ft: Scores) -> Float[Tensor, "exa
 def alpha(m_lcgd: Scores, m_gd: Scores, m_zs: Scores) -> Float[Tensor, "example layer head"]:
     """How aligned LCGD's and GD's updates of the attention scores are."""
     return simam_delta(m_lcgd, m_zs, m_gd)
+
+
+def update_size(h_zs: Vectors, h_new: Vectors) -> Float[Tensor, "example layer"]:
+    """|h_new - h_ZS| / |h_ZS|: the relative size of a setting's change of hook_attn_out."""
+    zs = h_zs.double()
+    norm = zs.norm(dim=-1)
+    rel = (h_new.double() - zs).norm(dim=-1) / norm
+    return torch.where(norm > 0, rel, torch.full_like(rel, float("nan"))).float()
 
 
 def rec2ftp(zs_correct: Bool[Tensor, "example"], ft_correct: Bool[Tensor, "example"], icl_correct: Bool[Tensor, "example"]) -> tuple[float, int]:

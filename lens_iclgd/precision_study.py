@@ -79,11 +79,10 @@ def fidelity(name: str, ref: dict[str, Recording], got: dict[str, Recording], se
 
 def update_sizes(rec: dict[str, Recording]) -> dict[str, tuple[float, float, float]]:
     """|h_FT - h_ZS| / |h_ZS| per layer (mean over examples): (min, median, max) over layers."""
-    zs = rec["zs"].attn_out
     out = {}
     for method in METHODS:
         if method in rec:
-            per_layer = ((rec[method].attn_out - zs).norm(dim=-1) / zs.norm(dim=-1)).nanmean(0)
+            per_layer = M.update_size(rec["zs"].attn_out, rec[method].attn_out).nanmean(0)
             out[method] = (per_layer.min().item(), per_layer.median().item(), per_layer.max().item())
     return out
 

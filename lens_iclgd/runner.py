@@ -527,6 +527,8 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str
     if "icl" in stages:
         icl = stages["icl"]["recording"]
         results["zs_simam"] = M.summarize(M.zs_simam(icl.attn_scores, zs.attn_scores))
+        # |h - h_ZS| / |h_ZS| at hook_attn_out per layer: how far each setting moved (finetuned methods below)
+        results["update_size"] = {"icl": M.summarize(M.update_size(zs.attn_out, icl.attn_out))}
         for m in c.ft_methods:
             ft = stages[m]["recording"]
             per = compare(zs, icl, ft, c.seed)
@@ -535,6 +537,7 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str
             # A prediction-level metric: one value for the model, none per layer.
             entry["Rec2FTP"] = {"mean": None if math.isnan(value) else value, "per_layer": None, "n_examples": n}
             results["metrics"][m] = entry
+            results["update_size"][m] = M.summarize(M.update_size(zs.attn_out, ft.attn_out))
             results["grad_norms"][m] = stages[m]["log"].grad_norms.tolist()
             results["losses"][m] = stages[m]["log"].losses.tolist()
             if "heldout" in stages[m]:

@@ -2,6 +2,7 @@
 run's outputs, and in the report."""
 
 import json
+import math
 
 import pandas as pd
 import torch
@@ -66,6 +67,11 @@ def test_run_outputs_carry_the_baselines(tmp_path, tiny_hf_dir):
             entry = r["metrics"][method][name]
             assert len(entry["per_layer"]) == n_layers and isinstance(entry["mean"], float)
     assert set(r["zs_simam"]) == {"per_layer", "mean", "per_head"} and len(r["zs_simam"]["per_head"]) == n_layers
+    # how far each setting moved hook_attn_out, per layer: ICL, GD, LCGD
+    assert set(r["update_size"]) == {"icl", "gd", "lcgd"}
+    for setting, entry in r["update_size"].items():
+        assert len(entry["per_layer"]) == n_layers and all(v > 0 for v in entry["per_layer"]), setting
+        assert math.isclose(entry["mean"], sum(entry["per_layer"]) / n_layers, rel_tol=1e-5)
     examples = pd.read_csv(out / "examples.csv")
     per_layer = pd.read_parquet(out / "per_layer.parquet")
     for name in RANDOM:

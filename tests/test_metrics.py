@@ -119,3 +119,19 @@ def test_summarize_averages_examples_then_layers():
     s = M.summarize(values)
     assert s["per_layer"] == [0.5, 0.5]
     assert s["mean"] == 0.5
+
+
+def test_update_size_against_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    zs, new = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    zs[1, 0] = 0.0  # a zero ZS output: undefined, left out like a zero cosine
+    got = M.update_size(zs, new)
+    for e in range(3):
+        for l in range(2):
+            norm = math.sqrt(sum(float(x) ** 2 for x in zs[e, l]))
+            if norm == 0:
+                assert math.isnan(got[e, l].item())
+                continue
+            diff = math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(new[e, l], zs[e, l])))
+            assert math.isclose(got[e, l].item(), diff / norm, rel_tol=1e-6)
+    assert torch.equal(M.update_size(zs, zs).nan_to_num(), torch.zeros(3, 2))
