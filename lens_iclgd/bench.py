@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens import HookedTransformerConfig
 
+from .device import resolve_device
 from .finetune import finetuned
 from .hardware import bf16_probe, device_line, matmul_peak
 from .models import kv_parameters
@@ -293,10 +294,11 @@ def print_precision_table(runs: dict[str, PipelineResult], peak32: float, peak16
 def run_bench(args) -> float:
     cfg_run = RunConfig(task=args.task, model=args.model, k=args.k, n_test=args.n_test, seed=args.seed,
                         lr=args.lr, data_dir=args.data_dir, precision=args.precision, device=args.device).validate()
+    # the asked-for precision: one line, before the model loads, where it cannot pay off
+    require_fast_bf16(args.precision, resolve_device(cfg_run.device))
     inp = prepare(cfg_run)  # the same data, model and prompts as `run`
     lm, p, lr = inp.loaded, inp.prompts, inp.config.lr
     device = next(lm.model.parameters()).device
-    require_fast_bf16(args.precision, device)  # the asked-for precision: one line where it cannot pay off
     print(f"machine: {device_line(device)}  torch {torch.__version__}")
     names = list(CANDIDATES) if args.precision_study else []
     if args.precision != FLOAT32 and args.precision not in names:
