@@ -53,6 +53,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from .finetune import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, STEP_UNITS
     from .models import DEFAULT_MODEL
     from .precision import add_compute_args
     from .recording import DEFAULT_POSITION, POSITIONS
@@ -76,10 +77,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-heldout", type=_int, default=0, help="held-out train examples scored after finetuning")
     p.add_argument("--batch-size", type=_int, default=16)
     add_compute_args(p)
-    p.add_argument("--step-unit", default="demo", choices=("demo", "token"),
+    p.add_argument("--step-unit", default="demo", choices=STEP_UNITS,
                    help="one SGD step per demonstration (default, the paper's code) or per next-token target")
     p.add_argument("--balanced", action="store_true", help="demonstrations with an equal count per label (default: plain random sample)")
-    p.add_argument("--loss-reduction", default="sum", choices=("sum", "mean"),
+    p.add_argument("--loss-reduction", default=DEFAULT_LOSS_REDUCTION, choices=LOSS_REDUCTIONS,
                    help="each SGD step on the loss summed over the demonstration's tokens (default: the committed cells) "
                         "or their mean (the paper's code); rates differ by about the token count")
 

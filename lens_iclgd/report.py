@@ -82,10 +82,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
         base = {
             "cell": f.parent.name, "model": c["model"], "baseline": c["baseline"], "task": Path(c["task"]).stem,
             "seed": c["seed"], "lr": c["lr"], "lr_default": _lr_rule(c) == "default", "lr_rule": _lr_rule(c),
-            # the paper's step unit and sampling; cells with other settings stay out of the tables
-            # (and the summed loss of the committed cells: no table mixes the two reductions)
-            "plain": c.get("step_unit", "demo") == "demo" and not c.get("balanced", False)
-            and c.get("loss_reduction", "sum") == "sum",
+            "plain": _plain(c),
             "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
             "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
             "alpha": (r.get("alpha") or {}).get("mean"),
@@ -304,11 +301,17 @@ def _per_layer(cells: list[dict], method: str, metric: str) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in c["metrics"][method][metric]["per_layer"]] for c in cells])
 
 
+def _plain(c: dict) -> bool:
+    """A cell's config at the tables' protocol: the paper's step unit and sampling, and the
+    summed loss of the committed cells; cells with other settings stay out of the tables, so
+    no table mixes two of them."""
+    return (c.get("step_unit", "demo") == "demo" and not c.get("balanced", False)
+            and c.get("loss_reduction", "sum") == "sum")
+
+
 def _table2_cells(coll: Collected) -> list[dict]:
     return [c for c in coll.cells if c["config"]["baseline"] == "trained" and not c["config"].get("ablate")
-            and _lr_rule(c["config"]) in CHOSEN_RATES["default"] and c["config"].get("step_unit", "demo") == "demo"
-            and c["config"].get("loss_reduction", "sum") == "sum"
-            and not c["config"].get("balanced") and {"gd", "lcgd"} <= set(c["metrics"])]
+            and _lr_rule(c["config"]) in CHOSEN_RATES["default"] and _plain(c["config"]) and {"gd", "lcgd"} <= set(c["metrics"])]
 
 
 def fig_per_layer(coll: Collected, path: Path) -> str | None:
