@@ -83,6 +83,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-reduction", default=DEFAULT_LOSS_REDUCTION, choices=LOSS_REDUCTIONS,
                    help="each SGD step on the loss summed over the demonstration's tokens (default: the committed cells) "
                         "or their mean (the paper's code); rates differ by about the token count")
+    p.add_argument("--top-k", type=_int, default=10, help="K of the output metrics' top-K token overlap (default 10)")
 
 
 def _config_from_args(args) -> "RunConfig":
@@ -93,7 +94,7 @@ def _config_from_args(args) -> "RunConfig":
         seed=args.seed, n_test=args.n_test, lr=args.lr, data_dir=args.data_dir, position=args.position,
         ablate=args.ablate, ablate_mode=args.ablate_mode, n_heldout=args.n_heldout, batch_size=args.batch_size,
         precision=args.precision, device=args.device, step_unit=args.step_unit, balanced=args.balanced,
-        loss_reduction=args.loss_reduction,
+        loss_reduction=args.loss_reduction, top_k=args.top_k,
     )
 
 

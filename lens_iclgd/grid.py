@@ -160,7 +160,7 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     settings.pop("device")  # where a cell runs, not what it computes
     if settings.pop("precision") != FLOAT32:  # hashed by what it means, so redefining a preset reruns
         settings["precision_policy"] = policy(c.precision).as_dict()
-    for name, neutral in (("step_unit", "demo"), ("balanced", False), ("loss_reduction", "sum")):  # hashed only when set: old ids stay valid
+    for name, neutral in (("step_unit", "demo"), ("balanced", False), ("loss_reduction", "sum"), ("top_k", 10)):  # hashed only when set: old ids stay valid
         if settings[name] == neutral:
             settings.pop(name)
     if c.lr in (None, "shared") and c.ft_methods:  # the id follows learning_rates.toml, so an edit there reruns

@@ -130,6 +130,13 @@ def rec2ftp(zs_correct: Bool[Tensor, "example"], ft_correct: Bool[Tensor, "examp
     return ((icl_correct & fixed_by_ft).sum().item() / n if n else float("nan")), n
 
 
+def f2t_mask(zs_correct: Bool[Tensor, "example"], icl_correct: Bool[Tensor, "example"],
+             ft_correct: Bool[Tensor, "example"]) -> Bool[Tensor, "example"]:
+    """Dai et al.'s F2T subset (their `f2t` mode): the examples ZS gets wrong and both ICL
+    and the finetuned model get right (label-level predictions)."""
+    return ~zs_correct & icl_correct & ft_correct
+
+
 def summarize(values: Float[Tensor, "example layer *head"]) -> dict:
     """Average over examples (and heads): per layer, the mean over layers, and, for
     per-head metrics, the layer x head table."""

@@ -6,8 +6,11 @@ For every test example and layer l this keeps, at the recorded position:
 - `blocks.{l}.attn.hook_attn_scores`: each head's pre-softmax score row, over the test
   example's own tokens only (demonstrations and BOS dropped, so ICL and ZS/FT rows have
   the same length);
-and the mean log-probability of each answer word's tokens after the prompt (the
-prediction is the best-scoring word).
+the mean log-probability of each answer word's tokens after the prompt (the
+prediction is the best-scoring word); and, at the prediction position (the last prompt
+token, whatever the recorded position), the final residual after `ln_final`: with the
+frozen `unembed` it gives the whole next-token distribution (outputs.py), d_model
+numbers per example instead of a vocabulary's.
 
 Recorded position (PROTOCOL.md): "answer" (default, the original code's choice) is the
 first token of the first answer option fed after the prompt; "prompt" is the last prompt
@@ -62,6 +65,8 @@ class Recording:
     attn_scores: Float[Tensor, "example layer head key"]  # NaN where a key is absent
     option_logprobs: Float[Tensor, "example option"]
     labels: Int[Tensor, "example"]
+    # ln_final(resid) at the last prompt token; None in stages recorded before it was kept
+    final_resid: Float[Tensor, "example d_model"] | None = None
 
     @property
     def predictions(self) -> Int[Tensor, "example"]:
@@ -157,7 +162,8 @@ def _record_batch(model: HookedTransformer, batch: list[_Row], queries: Sequence
                   position: str, cache, n_prefix: int, rec: Recording) -> tuple[Tensor, ...]:
     """One forward pass over right-padded rows after the cached prefix; hooks copy the
     recorded slices of option-0 rows into `rec`. Returns, for every answer token to
-    score, its normalised final residual, target token, query and option."""
+    score, its normalised final residual, target token, query, option, and whether it is
+    the prediction position (option 0's first token: the last prompt token)."""
     cfg, dev = model.cfg, model_device(model)
     width = max(len(r.tokens) for r in batch)
     tokens = torch.zeros(len(batch), width, dtype=torch.long, device="cpu")  # built on the CPU, moved once
@@ -194,7 +200,9 @@ def _record_batch(model: HookedTransformer, batch: list[_Row], queries: Sequence
     scored = [(b, *s) for b, r in enumerate(batch) for s in _scored_tokens(r, queries[r.query], options)]
     bs, opts, ps, ts = (torch.tensor(col, device="cpu") for col in zip(*scored))
     qs = torch.tensor([batch[b].query for b in bs.tolist()], device="cpu")
-    return model.ln_final(resid[bs.to(dev), ps.to(dev)][None])[0], ts.to(dev), qs, opts
+    starts = torch.tensor([len(queries[q].prompt) - 1 for q in qs.tolist()], device="cpu")
+    at_prediction = (opts == 0) & (ps == starts)
+    return model.ln_final(resid[bs.to(dev), ps.to(dev)][None])[0], ts.to(dev), qs, opts, at_prediction
 
 
 def _start_recording(model: HookedTransformer, queries: Sequence[Query], options: list[list[int]], position: str,
@@ -211,6 +219,7 @@ def _start_recording(model: HookedTransformer, queries: Sequence[Query], options
         attn_scores=torch.full((n, cfg.n_layers, cfg.n_heads, max_keys), float("nan"), device=device),
         option_logprobs=torch.zeros(n, len(options), device="cpu"),
         labels=torch.tensor([q.label for q in queries], dtype=torch.long, device="cpu"),
+        final_resid=torch.zeros(n, cfg.d_model, device="cpu"),
     )
 
 
@@ -246,8 +255,9 @@ def record(
                 batch = [rows[r] for r in order[start : start + batch_size]]
                 scored.append(_record_batch(model, batch, queries, options, position, cache, len(prefix), rec))
         # All answer tokens in one vocabulary pass: W_U is read once, not once per batch.
-        x, targets, qs, opts = (torch.cat(col) for col in zip(*scored))
+        x, targets, qs, opts, at_prediction = (torch.cat(col) for col in zip(*scored))
         logprobs = log_probs(model, x, targets).cpu()
+    rec.final_resid[qs[at_prediction]] = x[at_prediction.to(x.device)].float().cpu()
     logprob_sum = torch.zeros(rec.option_logprobs.shape, dtype=torch.float64, device="cpu")
     logprob_sum.index_put_((qs, opts), logprobs.double(), accumulate=True)
     rec.option_logprobs = (logprob_sum / torch.tensor([len(o) for o in options], dtype=torch.float64, device="cpu")).float()
@@ -276,6 +286,8 @@ def record_reference(
                 tokens = torch.tensor([prefix + row.tokens], device=model_device(model))
                 logits, cache = model.run_with_cache(tokens, attention_mask=torch.ones_like(tokens))
                 logp = logits[0].log_softmax(-1).cpu()  # the recording is on the CPU
+                if row.option == 0:
+                    rec.final_resid[qi] = cache["ln_final.hook_normalized"][0, n_prefix + len(q.prompt) - 1].cpu()
                 for j, p, tok in _scored_tokens(row, q, options):
                     rec.option_logprobs[qi, j] += logp[n_prefix + p, tok] / len(options[j])
                 if row.option == 0:

@@ -39,6 +39,7 @@ from .errors import TrainingDiverged, UserError, check_int, check_lr
 from .finetune import METHODS as FT_METHODS
 from .finetune import DEFAULT_LOSS_REDUCTION, FinetuneLog, check_loss_reduction, check_method, check_step_unit, finetuned
 from .lr_rule import AUTO_HELDOUT, AUTO_LRS, best_lr, chosen_rate
+from .outputs import DEFAULT_TOP_K, PAIR_METRICS, output_metrics
 from .models import DEFAULT_MODEL, LoadedModel, check_baseline, check_model_name, load_model
 from .precision import DEFAULT_PRECISION, FLOAT32, check_precision, policy, require_fast_bf16, within_fidelity
 from .prompts import PromptSet, build_prompts
@@ -79,6 +80,7 @@ class RunConfig:
     step_unit: str = "demo"  # one SGD step per demonstration (the paper's code) or per token
     balanced: bool = False  # demonstrations with an equal count per label (else a plain random sample)
     loss_reduction: str = DEFAULT_LOSS_REDUCTION  # each SGD step on the summed or token-mean loss (finetune.py)
+    top_k: int = DEFAULT_TOP_K  # K of the output metrics' top-K token overlap (outputs.py)
 
     def validate(self) -> "RunConfig":
         """Check types and ranges before any compute; return a normalised copy."""
@@ -87,7 +89,7 @@ class RunConfig:
                 raise UserError(msg)
 
         check_int("seed", self.seed, -(2**63))
-        for name, minimum in (("k", 1), ("n_test", 1), ("n_heldout", 0), ("order", 0), ("batch_size", 1)):
+        for name, minimum in (("k", 1), ("n_test", 1), ("n_heldout", 0), ("order", 0), ("batch_size", 1), ("top_k", 1)):
             check_int(name, getattr(self, name), minimum)
         if isinstance(self.lr, str):
             need(self.lr in ("shared", "auto"), f"lr must be a number > 0, \"auto\" or \"shared\", got {self.lr!r}")
@@ -476,7 +478,8 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
         if store:
             store.save(stage, keys[stage], stages[stage])
 
-    results = assemble_results(inp, stages)
+    outputs = compare_outputs(inp, stages)
+    results = assemble_results(inp, stages, outputs)
     # Wall times live apart from the results, which are byte-for-byte reproducible.
     timings = {s: round(stages[s]["seconds"], 2) for s in stages} | {"total": round(time.perf_counter() - t_start, 2)}
     if reused:  # their seconds are the run that computed them; `total` is this run's own time
@@ -488,7 +491,7 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
         timings["bf16_probe"] = bf16.as_dict()
     if out is not None:
         atomic_write_json(Path(out) / "timings.json", timings)
-        write_results(Path(out), results, examples_table(inp, stages), per_layer_table(inp, stages))
+        write_results(Path(out), results, examples_table(inp, stages, outputs), per_layer_table(inp, stages))
     return {**results, "timings_s": timings}
 
 
@@ -496,7 +499,33 @@ def _setting_names(stages: dict[str, Any]) -> list[str]:
     return ["zs"] + [m for m in SETTINGS if m in stages]
 
 
-def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def output_pairs(settings: list[str]) -> list[tuple[str, str]]:
+    """The compared pairs of next-token distributions: ZS-ICL (the baseline), ICL against
+    each finetuned method, each method against ZS (its KL is an update size), GD-LCGD."""
+    ft = [m for m in FT_METHODS if m in settings]
+    pairs = [("zs", "icl")] if "icl" in settings else []
+    pairs += [("icl", m) for m in ft if "icl" in settings] + [("zs", m) for m in ft]
+    return pairs + ([("gd", "lcgd")] if {"gd", "lcgd"} <= set(settings) else [])
+
+
+def compare_outputs(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """outputs.output_metrics for every recorded setting, per example; None for stages
+    recorded before the prediction position's residual was kept."""
+    names = _setting_names(stages)
+    recs = {s: stages[s]["recording"] for s in names}
+    if any(r.final_resid is None for r in recs.values()):
+        return None
+    model = inp.loaded.model
+    gold = torch.tensor([inp.prompts.options[q.label][0] for q in inp.prompts.queries])
+    return output_metrics(model.unembed.W_U, model.unembed.b_U, {s: r.final_resid for s, r in recs.items()}, gold,
+                          output_pairs(names), inp.config.top_k, model.cfg.output_logits_soft_cap)
+
+
+def _nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     c, p, lm = inp.config, inp.prompts, inp.loaded
     zs = stages["zs"]["recording"]
     config = {
@@ -536,12 +565,27 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str
             value, n = M.rec2ftp(zs.correct, ft.correct, icl.correct)
             # A prediction-level metric: one value for the model, none per layer.
             entry["Rec2FTP"] = {"mean": None if math.isnan(value) else value, "per_layer": None, "n_examples": n}
+            # Dai et al.'s F2T subset: ZS wrong, ICL and this method right
+            f2t = M.f2t_mask(zs.correct, icl.correct, ft.correct)
+            entry["f2t"] = {"n_examples": int(f2t.sum()),
+                            **{name: M.summarize(v[f2t])["mean"] if f2t.any() else None for name, v in per.items()}}
+            if outputs is not None:
+                entry["f2t"] |= {f"output_{name}": _nan_none(v[f2t].mean().item()) if f2t.any() else None
+                                 for name, v in outputs["pairs"][f"icl-{m}"].items()}
             results["metrics"][m] = entry
             results["update_size"][m] = M.summarize(M.update_size(zs.attn_out, ft.attn_out))
             results["grad_norms"][m] = stages[m]["log"].grad_norms.tolist()
             results["losses"][m] = stages[m]["log"].losses.tolist()
             if "heldout" in stages[m]:
                 results.setdefault("heldout_accuracy", {})[m] = stages[m]["heldout"].accuracy()
+    if outputs is not None:
+        results["outputs"] = {
+            "top_k": c.top_k, "position": "last prompt token",
+            "token_accuracy": {s: v.float().mean().item() for s, v in outputs["token_correct"].items()},
+            "pairs": {pair: {name: _nan_none(v.mean().item()) for name, v in vals.items()} for pair, vals in outputs["pairs"].items()},
+        }
+        for s in results.get("update_size", {}):  # KL(p_ZS || p_setting): the update's size at the output
+            results["update_size"][s]["kl_from_zs"] = results["outputs"]["pairs"][f"zs-{s}"]["kl"]
     if "gd" in stages and "lcgd" in stages:
         results["alpha"] = M.summarize(M.alpha(stages["lcgd"]["recording"].attn_scores, stages["gd"]["recording"].attn_scores, zs.attn_scores))
     return results
@@ -565,9 +609,9 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def examples_table(inp: Inputs, stages: dict[str, dict[str, Any]]) -> pd.DataFrame:
+def examples_table(inp: Inputs, stages: dict[str, dict[str, Any]], outputs: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per test example: label, each setting's prediction, per-example metrics
-    (mean over layers)."""
+    (mean over layers), output metrics, F2T membership."""
     p, answers = inp.prompts, inp.task.answers
     zs = stages["zs"]["recording"]
     df = pd.DataFrame({
@@ -584,6 +628,13 @@ def examples_table(inp: Inputs, stages: dict[str, dict[str, Any]]) -> pd.DataFra
             per = compare(zs, stages["icl"]["recording"], stages[m]["recording"], inp.config.seed)
             for name, v in per.items():
                 df[f"{m}_{name}"] = (v if v.dim() == 2 else v.nanmean(-1)).nanmean(-1).numpy()
+            df[f"{m}_f2t"] = M.f2t_mask(zs.correct, stages["icl"]["recording"].correct, stages[m]["recording"].correct).numpy()
+    if outputs is not None:
+        for s, v in outputs["token_correct"].items():
+            df[f"{s}_token_correct"] = v.numpy()
+        for pair, vals in outputs["pairs"].items():
+            for name, v in vals.items():
+                df[f"{pair}_{name}"] = v.numpy()
     return df
 
 
@@ -644,5 +695,17 @@ def summary_table(results: dict) -> str:
     if "alpha" in results:
         a = results["alpha"]["mean"]
         lines.append(f"{'alpha (GD vs LCGD SimAM_delta)':<28}{'n/a' if a is None else f'{a:.3f}':>10}")
+    if "outputs" in results:
+        o = results["outputs"]
+        lines.append("top-1 token accuracy (whole vocabulary): " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in o["token_accuracy"].items()))
+        lines.append(f"{'next-token output (K ' + str(o['top_k']) + ')':<28}" + "".join(f"{pair.upper():>10}" for pair in o["pairs"]))
+        for name in PAIR_METRICS:
+            vals = [o["pairs"][pair][name] for pair in o["pairs"]]
+            lines.append(f"{name:<28}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in vals))
+    f2t = {m: e["f2t"] for m, e in results["metrics"].items() if "f2t" in e}
+    if f2t:
+        lines.append("F2T subset (ZS wrong, ICL and the method right): " + "  ".join(
+            f"{m.upper()} n={e['n_examples']} SimAM_delta {'n/a' if e['SimAM_delta'] is None else format(e['SimAM_delta'], '.3f')}"
+            for m, e in f2t.items()))
     lines.append(f"wall time {results['timings_s']['total']:.0f} s, peak memory {results['timings_s']['peak_rss_mb']} MB")
     return "\n".join(lines)

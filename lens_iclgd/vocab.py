@@ -6,6 +6,7 @@ exp (online softmax), so memory stays at [rows, chunk] and W_U is read once per 
 however many rows there are:
 
 - `log_probs`: log p(target) for rows of final residuals (scoring answer words);
+- `logit_chunks`: the chunks themselves, for the output metrics (outputs.py);
 - `linear_cross_entropy`: per-row cross-entropy with its gradient w.r.t. the input,
   accumulated in the same pass (GD and LCGD losses; W_U and b_U are frozen).
 
@@ -75,6 +76,14 @@ def _online_logsumexp(x: Tensor, W: Tensor, b: Tensor, cap: float, chunk: int, w
         run_max = new_max
     lse = run_max + torch.log(run_sum)
     return lse, (run_grad / run_sum[:, None] if run_grad is not None else None)
+
+
+def logit_chunks(x: Tensor, W: Tensor, b: Tensor, cap: float, chunk: int = VOCAB_CHUNK):
+    """(first token id, softcap(x @ W[:, chunk] + b[chunk])) for each vocabulary chunk, in
+    float32: the no-gradient walk the output metrics (outputs.py) take."""
+    for lo in range(0, W.shape[1], chunk):
+        u = torch.addmm(b[lo : lo + chunk], x, W[:, lo : lo + chunk])
+        yield lo, (cap * torch.tanh(u / cap) if cap > 0 else u)
 
 
 def _target_logit(x: Tensor, W: Tensor, b: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor, Tensor]:

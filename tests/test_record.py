@@ -19,6 +19,10 @@ def _close(a, b, atol=1e-5):
     assert torch.allclose(a.attn_scores.nan_to_num(), b.attn_scores.nan_to_num(), atol=atol)
     assert torch.allclose(a.option_logprobs, b.option_logprobs, atol=atol)
     assert torch.equal(a.labels, b.labels)
+    # the prediction position's normalised residual: never all zeros, equal on both paths
+    assert a.final_resid.shape == (a.attn_out.shape[0], a.attn_out.shape[2])
+    assert (a.final_resid.norm(dim=-1) > 0).all()
+    assert torch.allclose(a.final_resid, b.final_resid, atol=atol)
 
 
 @pytest.mark.parametrize("gqa", [True, False])
