@@ -16,7 +16,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lens_iclgd.runner import RunConfig, prepare, run
+from lens_iclgd.config import RunConfig
+from lens_iclgd.inputs import prepare
+from lens_iclgd.runner import run
 
 METRICS = ("SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta")
 

@@ -3,7 +3,7 @@
 # cells go to artifacts/results (committed: results.json + timings.json only), recordings
 # to SCRATCH_DIR; the report under artifacts/report covers every committed cell.
 # Resumable: rerun after an interruption and finished cells are skipped. About 2 hours on
-# a 2-core CPU (README, "Paper experiments").
+# a 2-core CPU (docs/paper-study.md).
 #   experiments/paper.sh [DATA_DIR] [SCRATCH_DIR]
 # With --update-lrs as first argument it stops after the lr_sweep and says where the
 # chosen learning rates are (to copy into lens_iclgd/learning_rates.toml).

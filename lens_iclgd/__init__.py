@@ -11,11 +11,17 @@ Descent Revisited" (arXiv 2311.07772). Data flow, one module each:
     finetune  GD and layer-causal GD on the attention K/V projections
     vocab     the vocabulary projection without full logits
     fast      faster TransformerLens forward passes (same numbers, same hooks)
-    metrics   SimAOU, SimAM, alpha, Rec2FTP, ...
+    metrics   SimAOU, SimAM, alpha, Rec2FTP, F2T, ...; `compare` (every metric of one method)
+    outputs   output-level comparisons: top-K overlap, overlap cosine, KL, JS, top-1 token accuracy
     ablation  head / layer ablations through hooks, in every setting
-    runner    one experiment cell end to end, results.json; order sensitivity
+    config    RunConfig: every run setting, declared once (CLI flags and grid keys come from it)
+    inputs    a run's data, prompts, model and learning rates, prepared once
+    results   results.json, examples.csv, per_layer.parquet from the recordings
+    runner    one experiment cell end to end: stages (cached), then results
+    orders    order sensitivity: the same demonstrations in several orders
+    summary   the printed tables of a run
     grid      experiment configs: every cell, resumable, shardable
-    report    the paper's tables, figures and findings
+    report    the paper's tables, figures and findings (reads results; no torch)
     views     per-head / per-layer views of one run
     bench     optimised vs naive pipeline
 
@@ -43,7 +49,7 @@ _API = {
     "Recording": "recording", "record": "recording", "record_reference": "recording",
     "finetuned": "finetune", "train": "finetune", "FinetuneLog": "finetune",
     "parse_ablation": "ablation", "ablation_hooks": "ablation",
-    "RunConfig": "runner", "run": "runner", "run_orders": "runner", "compare": "runner",
+    "RunConfig": "config", "run": "runner", "run_orders": "orders", "compare": "metrics", "output_metrics": "outputs",
     "load_grid": "grid", "run_grid": "grid",
     "collect": "report", "write_report": "report",
     "per_head_frame": "views", "per_layer_frame": "views", "write_views": "views", "load_results": "views",

@@ -29,7 +29,7 @@ from transformer_lens import HookedTransformer
 from .device import model_device
 from .errors import UserError
 
-MODES = ("zero", "mean")
+from .config import ABLATE_MODES as MODES  # noqa: E402 (declared with the other settings)
 MEAN_REFERENCE_EXAMPLES = 200
 _ITEM = re.compile(r"^(?:(\d+)\.(\d+|\*)|(attn|mlp)(\d+))$")
 

@@ -43,13 +43,13 @@ from .device import resolve_device
 from .finetune import finetuned
 from .hardware import bf16_probe, device_line, matmul_peak
 from .models import kv_parameters
-from .precision import CANDIDATES, FLOAT32, PrecisionPolicy, add_compute_args, policy, require_fast_bf16, uses_bf16
+from .precision import CANDIDATES, FLOAT32, PrecisionPolicy, policy, require_fast_bf16, uses_bf16
 from .precision_study import choose, fidelity, fidelity_table
 from .prompts import PromptSet
 from .recording import Recording, record, record_reference
-from .runner import RunConfig, prepare
+from .config import from_args
+from .inputs import prepare
 
-BENCH_MODEL = "gemma-3-270m"  # the benchmark cell (README, Performance), whatever the default model
 
 
 def peak_rss_mb() -> float:
@@ -228,24 +228,6 @@ def _max_diff(a: Recording, b: Recording) -> float:
                _rel_diff(a.option_logprobs, b.option_logprobs))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="sst2")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--model", default=BENCH_MODEL, help=f"default {BENCH_MODEL}: the benchmark cell the README's figures are for")
-    parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--profile", action="store_true", help="also profile each optimised phase (top operators)")
-    add_compute_args(parser)
-    parser.add_argument("--precision-study", action="store_true",
-                        help=f"also run every candidate precision policy ({', '.join(CANDIDATES)}) against float32")
-    parser.add_argument("--no-naive", action="store_true", help="skip the naive pipeline (for development; no speedup)")
-    parser.add_argument("--peak-seconds", type=float, default=3.0,
-                        help="seconds of each matmul-peak measurement (default 3; tests use less)")
-
-
 def _phase_row(a: Phase, peak: float, b: Phase | None = None) -> str:
     gflops = a.flops / a.seconds / 1e9
     naive = f"{b.seconds:>10.2f}{b.seconds / a.seconds:>8.1f}x" if b else ""
@@ -292,8 +274,7 @@ def print_precision_table(runs: dict[str, PipelineResult], peak32: float, peak16
 
 
 def run_bench(args) -> float:
-    cfg_run = RunConfig(task=args.task, model=args.model, k=args.k, n_test=args.n_test, seed=args.seed,
-                        lr=args.lr, data_dir=args.data_dir, precision=args.precision, device=args.device).validate()
+    cfg_run = from_args(args).validate()  # the bench cell's settings: the RunConfig fields cli.BENCH_SETTINGS names
     # the asked-for precision: one line, before the model loads, where it cannot pay off
     require_fast_bf16(args.precision, resolve_device(cfg_run.device))
     inp = prepare(cfg_run)  # the same data, model and prompts as `run`
@@ -365,6 +346,8 @@ def run_bench(args) -> float:
 
 
 def main(argv: list[str] | None = None) -> float:
+    from .cli import _add_bench_args
+
     parser = argparse.ArgumentParser(prog="lens-iclgd bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    _add_bench_args(parser)
     return run_bench(parser.parse_args(argv))

@@ -44,69 +44,18 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
-def _lr(text: str) -> float | str:
-    return text if text in ("auto", "shared") else _float(text)
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    return tuple(m.strip().lower() for m in text.split(",") if m.strip())
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from .finetune import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, STEP_UNITS
-    from .models import DEFAULT_MODEL
-    from .precision import add_compute_args
-    from .recording import DEFAULT_POSITION, POSITIONS
-    from .tasks import DEFAULT_TASK
-
-    p.add_argument("--task", default=DEFAULT_TASK, help=f"built-in task name or path to a task .toml (default {DEFAULT_TASK}, offline)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model (see lens-iclgd models) | model .toml | TransformerLens name | local HF dir")
-    p.add_argument("--baseline", default="trained", help="trained | untrained | embeddings")
-    p.add_argument("--methods", type=_methods, default=("icl", "gd", "lcgd"), help="comma list of icl, gd, lcgd (ZS always runs)")
-    p.add_argument("--k", type=_int, default=32, help="demonstrations (paper: 32; fewer if the context is too short)")
-    p.add_argument("--seed", type=_int, default=0, help="picks and orders the demonstrations; seeds re-initialisation")
-    p.add_argument("--n-test", type=_int, default=2000, help="test examples (the paper caps at 2000)")
-    p.add_argument("--lr", type=_lr, default=None,
-                   help="SGD learning rate, or auto (chosen now on held-out training examples, per method; a re-initialised "
-                        "baseline takes the trained model's choice), or shared "
-                        "(GD's chosen rate for every method) (default: each method's chosen rate per model and task)")
-    p.add_argument("--data-dir", default=None, help="directory with <task>/<split>.jsonl (hub schema), e.g. ../shared/data")
-    p.add_argument("--position", default=DEFAULT_POSITION, choices=POSITIONS, help="recorded position (default: answer, as the original code)")
-    p.add_argument("--ablate", default="", help="components to ablate in every setting, e.g. 3.5,7.*,attn4,mlp2")
-    p.add_argument("--ablate-mode", default="zero", choices=("zero", "mean"))
-    p.add_argument("--n-heldout", type=_int, default=0, help="held-out train examples scored after finetuning")
-    p.add_argument("--batch-size", type=_int, default=16)
-    add_compute_args(p)
-    p.add_argument("--step-unit", default="demo", choices=STEP_UNITS,
-                   help="one SGD step per demonstration (default, the paper's code) or per next-token target")
-    p.add_argument("--balanced", action="store_true", help="demonstrations with an equal count per label (default: plain random sample)")
-    p.add_argument("--loss-reduction", default=DEFAULT_LOSS_REDUCTION, choices=LOSS_REDUCTIONS,
-                   help="each SGD step on the loss summed over the demonstration's tokens (default: the committed cells) "
-                        "or their mean (the paper's code); rates differ by about the token count")
-    p.add_argument("--top-k", type=_int, default=10, help="K of the output metrics' top-K token overlap (default 10)")
-
-
-def _config_from_args(args) -> "RunConfig":
-    from .runner import RunConfig
-
-    return RunConfig(
-        task=args.task, model=args.model, baseline=args.baseline, methods=args.methods, k=args.k,
-        seed=args.seed, n_test=args.n_test, lr=args.lr, data_dir=args.data_dir, position=args.position,
-        ablate=args.ablate, ablate_mode=args.ablate_mode, n_heldout=args.n_heldout, batch_size=args.batch_size,
-        precision=args.precision, device=args.device, step_unit=args.step_unit, balanced=args.balanced,
-        loss_reduction=args.loss_reduction, top_k=args.top_k,
-    )
-
-
 def _default_out(cfg) -> Path:
     name = f"{Path(cfg.task).stem}_{Path(cfg.model).name}_{cfg.baseline}_k{cfg.k}_seed{cfg.seed}"
     return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
 
 def cmd_run(args) -> None:
-    from .runner import orders_table, run, run_orders, summary_table
+    from .config import from_args
+    from .orders import run_orders
+    from .runner import run
+    from .summary import orders_table, summary_table
 
-    cfg = _config_from_args(args).validate()
+    cfg = from_args(args).validate()
     out = Path(args.out) if args.out else _default_out(cfg)
     if args.orders is not None:
         print(orders_table(run_orders(cfg, args.orders, out)))
@@ -169,16 +118,18 @@ def _only(args) -> dict[str, list]:
 def cmd_report(args) -> None:
     from .crossmodel import write_reports
     from .icl_gain import read_make_run_times, write_icl_gain
-    from .report import collect
+    from .report import collect, read_manifest
 
     times_file = args.make_run_times
     if times_file is None and args.icl_gain_out and (Path(args.icl_gain_out) / "make_run_times.toml").is_file():
         times_file = Path(args.icl_gain_out) / "make_run_times.toml"
     times = read_make_run_times(times_file)
-    out = write_reports(args.results_dir, args.out, command=args.command_line, times=times)
+    manifest = read_manifest(args.manifest) if args.manifest else None
+    command = args.command_line or (manifest["report"]["command"] if manifest else None)
+    out = write_reports(args.results_dir, args.out, command=args.command_line, times=times, manifest=manifest)
     print(f"report: {out / 'report.md'}")
     if args.icl_gain_out:
-        write_icl_gain(collect(args.results_dir).cells, args.icl_gain_out, args.command_line, times)
+        write_icl_gain(collect(args.results_dir).cells, args.icl_gain_out, command, times)
         print(f"ICL gain: {Path(args.icl_gain_out) / 'icl_gain.md'}")
 
 
@@ -194,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from . import config
+
     p = sub.add_parser("run", help="run one cell (ZS, ICL, GD, LCGD) and write results.json")
-    _add_run_args(p)
+    config.add_arguments(p)  # one flag per RunConfig field
     p.add_argument("--out", default=None, help="output directory (default runs/<task>_<model>_...)")
     p.add_argument("--orders", type=_int, default=None, metavar="P",
                    help="order sensitivity: run the same demonstrations in P orders and report the spread")
@@ -209,15 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="run every cell of an experiment config (resumable, shardable)")
     p.add_argument("config", help="experiment config, e.g. experiments/table2.toml")
     p.add_argument("--results", default=None, help="results directory (default runs/<config name>)")
-    p.add_argument("--data-dir", default=None, help="overrides the config's data_dir")
     p.add_argument("--shard", default=None, help="I/N: run the I-th of N disjoint slices (0-based)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose training diverged")
     p.add_argument("--seeds", default=None, help="only these seeds of the grid, e.g. 0 (seed 0 everywhere first)")
     p.add_argument("--tasks", default=None, help="only these tasks of the grid, e.g. sst2,mr")
     p.add_argument("--dry-run", action="store_true", help="list the cells still to run; compute nothing")
-    from .precision import add_compute_args
-
-    add_compute_args(p, unset=True)
+    config.add_arguments(p, ("data_dir", "precision", "device"), unset=True)  # these override the config's keys
 
     p.add_argument("--scratch", default=None, metavar="DIR",
                    help="put the heavy recordings in DIR/stages instead of RESULTS/stages")
@@ -234,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables, figures and findings from a results directory")
     p.add_argument("results_dir")
     p.add_argument("--out", default=None, help="report directory (default RESULTS_DIR/report)")
-    p.add_argument("--command-line", default=None, help="the command that produced the results, quoted in the report")
+    p.add_argument("--manifest", default=None, metavar="TOML",
+                   help="how the results were made (e.g. artifacts/manifest.toml): one command per line, opening the report")
+    p.add_argument("--command-line", default=None, help="the command that produced the results, quoted in the report "
+                   "(when there is no manifest)")
     p.add_argument("--icl-gain-out", default=None, metavar="DIR", help="also write icl_gain.md/.csv (the premise table) to DIR")
     p.add_argument("--make-run-times", default=None, metavar="TOML",
                    help="`make run` seconds per model for the default-model rule (default: ICL_GAIN_OUT/make_run_times.toml if present)")
@@ -247,12 +200,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain-table", default=str(GAIN_TABLE), help="icl_gain.csv to read the ICL gain from")
     p.set_defaults(func=cmd_models)
 
-    from . import bench
-
     p = sub.add_parser("bench", help="optimised vs naive pipeline on one cell: times, FLOP/s, memory, speedup")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run_bench)
+    _add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+# The benchmark cell (docs/performance.md), whatever the default model: these RunConfig
+# fields are bench's options, with these defaults; the rest of the cell is RunConfig's.
+BENCH_SETTINGS = ("task", "data_dir", "model", "k", "n_test", "seed", "lr", "batch_size", "precision", "device")
+BENCH_DEFAULTS = {"task": "sst2", "model": "gemma-3-270m", "k": 16, "n_test": 100}
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from . import config
+
+    config.add_arguments(p, BENCH_SETTINGS)
+    p.set_defaults(**BENCH_DEFAULTS)
+    p.add_argument("--profile", action="store_true", help="also profile each optimised phase (top operators)")
+    p.add_argument("--precision-study", action="store_true",
+                   help="also run every candidate bfloat16 precision policy (precision.CANDIDATES) against float32")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive pipeline (for development; no speedup)")
+    p.add_argument("--peak-seconds", type=_float, default=3.0,
+                   help="seconds of each matmul-peak measurement (default 3; tests use less)")
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    run_bench(args)
 
 
 def quiet_third_party() -> None:
@@ -272,7 +248,10 @@ def quiet_third_party() -> None:
 
 
 def _tune_for_device(args) -> None:
-    """glibc malloc tuning is a CPU speedup: only when the command computes on the CPU."""
+    """glibc malloc tuning is a CPU speedup: only when the command computes on the CPU
+    (report, views and models never load torch)."""
+    if args.command not in ("run", "grid", "bench"):
+        return
     from .device import resolve_device
     from .fast import tune_malloc
 

@@ -7,7 +7,7 @@ models) and, in `<out>/report.md`, the cross-model section:
 
 - the premise: ICL - ZS accuracy per model and task (icl_gain.py);
 - Tables 1 and 2 side by side: each row's mean over tasks, one column per model;
-- the four PROTOCOL.md findings per model, with their verdicts against the paper;
+- the four docs/protocol.md findings per model, with their verdicts against the paper;
 - fig_crossmodel_simam_delta.png: per-layer SimAM_delta of GD and LCGD per model on a
   normalised depth axis (layer / (n_layers - 1));
 - per model: the k, n-test and seeds actually run, and per grid the compute time (sum
@@ -25,12 +25,11 @@ import numpy as np
 import pandas as pd
 
 from . import report as R
-from .grid import _fmt_time
+from .progress import fmt_time
+from .costs import cost_table_markdown
+from .findings import CLAIMS, Finding
 from .icl_gain import icl_gain_body, icl_gain_table
 from .store import atomic_write_bytes, atomic_write_text
-
-_VERDICT = re.compile(r"\*\*([^*]+)\*\*")
-
 
 def model_slug(model: str) -> str:
     """A model's report directory: the last path component of its name, file-safe."""
@@ -38,20 +37,22 @@ def model_slug(model: str) -> str:
 
 
 def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, command: str | None = None,
-                  times: dict[str, Any] | None = None) -> Path:
+                  times: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None) -> Path:
     """The report of `results_dir`: report.py's for one model, per-model reports plus the
     cross-model report.md for several. Returns the report directory."""
     out = Path(out_dir) if out_dir else Path(results_dir) / "report"
     coll = R.collect(results_dir)
     models = sorted({c["config"]["model"] for c in coll.cells})
     if len(models) <= 1:
-        return R.write_report(results_dir, out, command)
+        return R.write_report(results_dir, out, command, manifest=manifest)
     per_model = {m: R.collect(results_dir, m) for m in models}
     for m in models:
-        R.write_report(results_dir, out / model_slug(m), command, model=m)
+        R.write_report(results_dir, out / model_slug(m), command, model=m, manifest=manifest)
 
     lines = ["# lens-iclgd cross-model report", ""]
-    if command:
+    if manifest:
+        lines += R.manifest_lines(manifest, results_dir, coll)
+    elif command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     lines += [f"Results: `{results_dir}`: {len(coll.cells)} finished cells"
               + (f" of {coll.expected} defined by the grids here; {coll.missing} missing, {len(coll.failed)} failed"
@@ -71,9 +72,12 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
             continue
         slug = name.lower().replace(" ", "")
         atomic_write_bytes(out / f"crossmodel_{slug}.csv", table.to_csv(index=False, float_format="%.4f").encode())
-        shown = table.assign(**{m: [f"{v:.3f}" if pd.notna(v) else "" for v in table[m]] for m in models})
-        lines += [R._plain_markdown(shown), "",
-                  f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds).", ""]
+        lines += [R._plain_markdown(_with_spread(table, models)), "",
+                  f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds) ± its "
+                  "standard deviation over seeds (of the task-averaged value; only where every task has every seed), "
+                  "and [the lowest, the highest] task mean. Learning rates: " + (
+                      "GD at its chosen rate." if name == "Table 1" else "each method at its own chosen rate (regime b).")
+                  + " Loss: summed over the demonstration's tokens.", ""]
 
     lines += findings_side_by_side({m: R.findings(c) for m, c in per_model.items()},
                                    {m: findings_scale(c) for m, c in per_model.items()})
@@ -82,7 +86,8 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
     lines += ["## Figure: per-layer SimAM_delta by depth", ""]
     lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
               if caption else ["No model has trained-model cells with GD and LCGD yet.", ""])
-    lines += ["## What was run, per model", ""]
+    atomic_write_text(out / "cost_table.md", cost_table_markdown(results_dir))
+    lines += ["## What was run, per model", "", "Wall time per phase of every paper-scale cell: [cost_table.md](cost_table.md).", ""]
     grids = R.grid_cells(results_dir)
     for m in models:
         lines += run_summary(m, per_model[m], grids, Path(results_dir))
@@ -103,8 +108,9 @@ CODE_CHECKS = [
 
 
 def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Rows of every model's table (in first-seen order) x one column per model: the
-    row's mean over tasks."""
+    """Rows of every model's table (in first-seen order) x per model: the row's mean over
+    tasks, its standard deviation over seeds (of the task-averaged value) and the range of
+    its task means (columns <model>, <model>_seed_std, <model>_task_min, <model>_task_max)."""
     labels: list[str] = []
     for t in tables.values():
         if not t.empty:
@@ -113,9 +119,26 @@ def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         return pd.DataFrame()
     out = pd.DataFrame({"row": labels})
     for model, t in tables.items():
-        means = t.set_index("row")["mean_mean"] if not t.empty else pd.Series(dtype=float)
-        out[model] = [means.get(r, np.nan) for r in labels]
+        t = t.set_index("row") if not t.empty else pd.DataFrame()
+        task_cols = [c for c in t.columns if c.endswith("_mean") and c != "mean_mean"]
+        get = lambda r, col: t.at[r, col] if r in t.index and col in t.columns else np.nan
+        out[model] = [get(r, "mean_mean") for r in labels]
+        out[f"{model}_seed_std"] = [get(r, "mean_std") for r in labels]
+        per_task = [pd.to_numeric(t.loc[r, task_cols], errors="coerce") if r in t.index else pd.Series(dtype=float) for r in labels]
+        out[f"{model}_task_min"] = [v.min() if len(v.dropna()) else np.nan for v in per_task]
+        out[f"{model}_task_max"] = [v.max() if len(v.dropna()) else np.nan for v in per_task]
     return out
+
+
+def _with_spread(table: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """side_by_side's numbers as 'mean ± seed-std [task min, max]' strings."""
+    def text(r, m: str) -> str:
+        v, s, lo, hi = r[m], r[f"{m}_seed_std"], r[f"{m}_task_min"], r[f"{m}_task_max"]
+        if pd.isna(v):
+            return ""
+        out = f"{v:.3f}" + (f" ± {s:.3f}" if pd.notna(s) else "")
+        return out + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and hi > lo else "")
+    return pd.DataFrame({"row": table["row"], **{m: [text(r, m) for _, r in table.iterrows()] for m in models}})
 
 
 def _chosen_rate_rows(coll: R.Collected) -> pd.DataFrame:
@@ -139,37 +162,27 @@ def findings_scale(coll: R.Collected) -> str:
             f"baselines {', '.join(sorted(rows['baseline'].unique()))}")
 
 
-def findings_side_by_side(by_model: dict[str, list[str]], scale: dict[str, str] | None = None) -> list[str]:
-    """A verdict table (finding x model), then each finding's numbers per model; `scale`:
-    per model, the cells the findings rest on (a first row)."""
-    lines = ["## Findings (PROTOCOL.md) per model", "",
+def findings_side_by_side(by_model: dict[str, list[Finding]], scale: dict[str, str] | None = None) -> list[str]:
+    """A verdict table (finding x model), then each finding's claim, rule and numbers per
+    model; `scale`: per model, the cells the findings rest on (a first row)."""
+    lines = ["## Findings (docs/protocol.md) per model", "",
              "Verdicts against the paper's findings; a finding a model does not reproduce is reported as such.", "",
              "| finding | " + " | ".join(by_model) + " |", "|---|" + "---|" * len(by_model)]
     if scale:
         lines.append("| based on | " + " | ".join(scale.get(m, "") for m in by_model) + " |")
-    numbered = {m: _by_number(f) for m, f in by_model.items()}
-    numbers = sorted({"1", "2", "3", "4"} | {n for f in numbered.values() for n in f})
-    for n in numbers:
-        verdicts = []
-        for m in by_model:
-            found = _VERDICT.findall(numbered[m].get(n, ""))
-            verdicts.append(found[-1] if found else "not available")
-        lines.append(f"| {n} | " + " | ".join(verdicts) + " |")
+    numbered = {m: {f.number: f for f in fs} for m, fs in by_model.items()}
+    for n, claim in CLAIMS.items():
+        verdicts = [numbered[m][n].verdict if n in numbered[m] else "not available" for m in by_model]
+        lines.append(f"| {n}. {claim.name} | " + " | ".join(verdicts) + " |")
     lines.append("")
-    for n in numbers:
-        lines += [f"**Finding {n}**", ""] + [f"- {m}: {numbered[m].get(n, 'not available')}" for m in by_model] + [""]
+    for n, claim in CLAIMS.items():
+        lines += [f"**Finding {n}: {claim.name}.** Paper: {claim.claim} Rule: {claim.rule}.", ""]
+        for m in by_model:
+            f = numbered[m].get(n)
+            lines.append(f"- {m}: " + ("not available" if f is None else
+                                       f"{f.evidence} -> **{f.verdict}**" + (f" ({f.scope})" if f.scope else "")))
+        lines.append("")
     return lines
-
-
-def _by_number(findings: list[str]) -> dict[str, str]:
-    """'3. LCGD ...' -> {'3': 'LCGD ...'}; '3./4. Need ...' counts for 3 and 4."""
-    out = {}
-    for f in findings:
-        m = re.match(r"((?:\d\.)(?:/\d\.)*)\s*(.*)", f)
-        if m:
-            for n in m.group(1).rstrip(".").split("./"):
-                out[n.strip(".")] = m.group(2)
-    return out
 
 
 def fig_simam_delta_depth(per_model: dict[str, R.Collected], path: Path) -> str | None:
@@ -229,7 +242,7 @@ def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]],
             return ", ".join(map(str, v)) if key == "seed" or len(v) == 1 else f"{v[0]}-{v[-1]}"
 
         lines.append(f"| {grid} | {len(ids)} | {spread('k_effective')} | {spread('n_test_effective')} | {spread('seed')} | "
-                     f"{_fmt_time(total)}" + (f" ({missing} without timings)" if missing else "")
+                     f"{fmt_time(total)}" + (f" ({missing} without timings)" if missing else "")
                      + f" | {peak} MB | {'; '.join(envs)} |")
     lines += ["", learning_rates_used(coll)]
     return lines + ["", "Compute: the sum of the cells' own wall times (timings.json `total`); cells reusing "

@@ -12,7 +12,7 @@ import torch
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DEFAULT_DEVICE = "auto"
+from .config import DEFAULT_DEVICE  # noqa: F401 (re-exported: the setting is declared in config.py)
 
 
 def _cuda_count() -> int:

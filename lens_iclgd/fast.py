@@ -1,7 +1,7 @@
 """Faster TransformerLens forward passes on the CPU: same arithmetic, same hooks.
 
 TransformerLens 3.9 is written for clarity; on a CPU a few of its choices cost more than
-the arithmetic itself (measured on gemma-3-270m, see README, Performance):
+the arithmetic itself (measured on gemma-3-270m, see docs/performance.md):
 
 1. `GatedMLP.forward` runs `F.linear(x, W.T.contiguous())`, a transposed copy of each
    MLP weight on every call. Here: `x @ W`, no copy.

@@ -1,6 +1,6 @@
 """Finetuning on the demonstrations: vanilla GD and layer-causal GD (LCGD).
 
-Both (PROTOCOL.md): only the attention key/value projections are trained (weights, and
+Both (docs/protocol.md): only the attention key/value projections are trained (weights, and
 biases where the pretrained model has them; GQA models hold them in `attn._W_K`,
 `attn._W_V`); plain SGD, batch size 1, one pass over the k demonstrations in ICL order;
 the loss of a demonstration is the next-token cross-entropy summed over all its tokens.
@@ -48,10 +48,8 @@ from .progress import bar
 from .recording import Hook
 from .vocab import linear_cross_entropy
 
-METHODS = ("gd", "lcgd")
-STEP_UNITS = ("demo", "token")
-LOSS_REDUCTIONS = ("sum", "mean")
-DEFAULT_LOSS_REDUCTION = "sum"  # the committed cells' protocol until rates for "mean" are swept (issue 31)
+from .config import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, STEP_UNITS  # noqa: E402 (declared with the other settings)
+from .config import FT_METHODS as METHODS  # noqa: E402
 
 
 def _unembed_loss(model: HookedTransformer, resid: Float[Tensor, "n d_model"], targets: Tensor) -> Tensor:

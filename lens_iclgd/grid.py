@@ -30,19 +30,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .device import DEFAULT_DEVICE, resolve_device
+from .config import DEFAULT_MODEL, RunConfig
+from .config import fields as config_fields
+from .device import resolve_device
 from .errors import TrainingDiverged, UserError
-from .finetune import DEFAULT_LOSS_REDUCTION
-from .models import DEFAULT_MODEL, LoadedModel, load_model, make_baseline
-from .precision import DEFAULT_PRECISION, FLOAT32, policy, require_fast_bf16
-from .progress import bar
-from .recording import DEFAULT_POSITION
-from .lr_rule import AUTO_LRS
-from .runner import RunConfig, default_lr, run
+from .lr_rule import AUTO_LRS, default_lr, parse_lr
+from .models import LoadedModel, load_model, make_baseline
+from .precision import FLOAT32, policy, require_fast_bf16
+from .progress import bar, fmt_time
+from .provenance import provenance
+from .runner import run
 from .store import atomic_write_json, check_writable, config_key, read_toml, remove_stale_temp_files
 from .tasks import data_fingerprint, load_split, load_task
 
 log = logging.getLogger("lens_iclgd")
+
+
+# The grid's axes: a list each, every combination a cell (plural key -> RunConfig field).
+AXES = {"models": "model", "baselines": "baseline", "tasks": "task", "seeds": "seed", "lrs": "lr", "ablations": "ablate"}
+# Every other RunConfig field is a scalar key of the same name (k = 32, loss_reduction =
+# "mean", ...): a setting added to RunConfig is a grid key at once.
+SCALARS = tuple(f.name for f in config_fields() if f.name not in AXES.values())
+GRID_METHODS = ["gd", "lcgd"]  # a grid's default methods (ICL is recorded with them)
 
 
 @dataclass
@@ -52,65 +61,92 @@ class GridConfig:
     models: list[str] = dataclasses.field(default_factory=lambda: [DEFAULT_MODEL])
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["trained"])
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = dataclasses.field(default_factory=lambda: ["gd", "lcgd"])
     # None ("default"): each method's chosen rate; "shared": GD's for all; "auto": chosen per cell
     lrs: list[float | str | None] = dataclasses.field(default_factory=lambda: [None])
     ablations: list[str] = dataclasses.field(default_factory=lambda: [""])
-    ablate_mode: str = "zero"
-    k: int = 32
-    n_test: int = 2000
-    n_heldout: int = 0
-    position: str = DEFAULT_POSITION
-    batch_size: int = 16
-    data_dir: str | None = None
     description: str = ""
-    precision: str = DEFAULT_PRECISION
-    device: str = DEFAULT_DEVICE
+    # the RunConfig fields the grid sets (SCALARS); the rest are RunConfig's defaults
+    settings: dict[str, Any] = dataclasses.field(default_factory=lambda: {"methods": list(GRID_METHODS)})
     # task -> fingerprint of the data_dir files, filled by run_grid (not a config key)
     data_fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
-    step_unit: str = "demo"
-    balanced: bool = False
-    loss_reduction: str = DEFAULT_LOSS_REDUCTION
+
+    def __getattr__(self, name: str) -> Any:  # grid.k, grid.data_dir: the grid's setting, else RunConfig's default
+        if name in SCALARS and "settings" in self.__dict__:
+            return self.settings.get(name, GRID_METHODS if name == "methods" else _RUN_DEFAULTS[name])
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SCALARS:
+            self.settings[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def record(self, ids: list[str] | None = None) -> dict[str, Any]:
+        """The flat form grids/<name>.json keeps (a grid config's keys), with the id of
+        every cell, so `report` finds them without recomputing ids (or importing torch)."""
+        flat = {"name": self.name, "description": self.description, **{k: getattr(self, k) for k in AXES},
+                **self.settings, "data_fingerprints": self.data_fingerprints, "provenance": provenance()}
+        if ids is not None:
+            flat["cells"] = {i: {"model": c.model, "baseline": c.baseline, "task": c.task, "seed": c.seed}
+                             for i, c in zip(ids, cells(self))}
+        return flat
 
 
-_LISTS = {"tasks": str, "models": str, "baselines": str, "seeds": int, "methods": str, "lrs": (int, float, str), "ablations": str}
-_SCALARS = {"name": str, "ablate_mode": str, "k": int, "n_test": int, "n_heldout": int, "position": str,
-            "batch_size": int, "data_dir": str, "description": str, "precision": str, "device": str,
-            "step_unit": str, "balanced": bool, "loss_reduction": str}
+_RUN_DEFAULTS = {f.name: f.default for f in config_fields()}
+
+
+def grid_from_record(raw: dict[str, Any]) -> GridConfig:
+    """A GridConfig from its flat form (a config file's keys or a grids/*.json record)."""
+    raw = dict(raw)
+    raw.pop("cells", None)
+    raw.pop("provenance", None)
+    top = {k: raw.pop(k) for k in ("name", "description", "data_fingerprints", *AXES) if k in raw}
+    return GridConfig(**top, settings={"methods": list(GRID_METHODS), **raw})
+
+
+_KINDS = {"int": (int, "an integer"), "str": (str, "a string"), "bool": (bool, "true or false")}
+_AXIS_KINDS = {"models": str, "baselines": str, "tasks": str, "seeds": int, "lrs": (int, float, str), "ablations": str}
+
+
+def _check_key(path: Path, key: str, value: Any) -> None:
+    """A grid key's type, from its RunConfig field's kind (config.py)."""
+    if key in AXES or key == "methods":
+        kind = _AXIS_KINDS.get(key, str)
+        if not isinstance(value, list) or not value or not all(isinstance(x, kind) and not isinstance(x, bool) for x in value):
+            raise UserError(f"grid config {path}: {key} must be a non-empty list of {getattr(kind, '__name__', 'numbers')}")
+        return
+    kind, words = _KINDS["str" if key in ("name", "description") else _FIELD_KINDS[key]]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise UserError(f"grid config {path}: {key} must be {words}")
+
+
+_FIELD_KINDS = {f.name: f.metadata["kind"] for f in config_fields()}
 
 
 def load_grid(path: str | Path) -> GridConfig:
     path = Path(path)
     raw = read_toml(path, "grid config", "pass a file like experiments/table2.toml")
-    unknown = set(raw) - set(_LISTS) - set(_SCALARS)
+    singular = {v: k for k, v in AXES.items()}
+    unknown = set(raw) - set(AXES) - set(SCALARS) - {"name", "description"}
     if unknown:
-        raise UserError(f"grid config {path}: unknown key(s) {', '.join(sorted(unknown))}")
+        hints = [f"{k} (a list: {singular[k]} = [...])" if k in singular else k for k in sorted(unknown)]
+        raise UserError(f"grid config {path}: unknown key(s) {', '.join(hints)}")
     if "tasks" not in raw or "name" not in raw:
         raise UserError(f"grid config {path}: needs at least name and tasks")
-    for key, kind in _LISTS.items():
-        if key in raw:
-            v = raw[key]
-            if not isinstance(v, list) or not v or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
-                raise UserError(f"grid config {path}: {key} must be a non-empty list of {getattr(kind, '__name__', 'numbers')}")
-    for key, kind in _SCALARS.items():
-        if key in raw and (not isinstance(raw[key], kind) or (isinstance(raw[key], bool) and kind is not bool)):
-            raise UserError(f"grid config {path}: {key} must be {'an integer' if kind is int else 'true or false' if kind is bool else 'a string'}")
+    for key, value in raw.items():
+        _check_key(path, key, value)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", raw["name"]):
         raise UserError(f"grid config {path}: name {raw['name']!r} must use only letters, digits, '_', '.', '-'")
     lrs = []
     for lr in raw.get("lrs", [None]):
-        if lr == "default" or lr is None:
-            lrs.append(None)
-        elif lr in ("shared", "auto"):
-            lrs.append(lr)
-        elif isinstance(lr, str):
-            raise UserError(f"grid config {path}: lrs entries are numbers, \"default\", \"shared\" or \"auto\", got {lr!r}")
-        else:
-            lrs.append(float(lr))
+        try:
+            lrs.append(parse_lr(lr))
+        except ValueError:
+            raise UserError(f"grid config {path}: lrs entries are numbers, \"default\", \"shared\" or \"auto\", got {lr!r}") from None
     raw["lrs"] = lrs
     if raw.get("data_dir"):  # relative to the config file
         raw["data_dir"] = str((path.parent / raw["data_dir"]).resolve())
-    grid = GridConfig(**raw)
+    grid = grid_from_record(raw)
     for c in cells(grid):  # types and ranges, before any compute
         c.validate()
     return grid
@@ -118,6 +154,7 @@ def load_grid(path: str | Path) -> GridConfig:
 
 def cells(grid: GridConfig) -> list[RunConfig]:
     """Every cell, in a fixed order: grouped by what shares ZS/ICL recordings."""
+    settings = {**grid.settings, "methods": tuple(grid.methods)}
     out = []
     for model in grid.models:
         for baseline in grid.baselines:
@@ -125,13 +162,8 @@ def cells(grid: GridConfig) -> list[RunConfig]:
                 for task in grid.tasks:
                     for ablate in grid.ablations:
                         for lr in grid.lrs:
-                            out.append(RunConfig(
-                                task=task, model=model, baseline=baseline, methods=tuple(grid.methods),
-                                k=grid.k, seed=seed, n_test=grid.n_test, lr=lr, data_dir=grid.data_dir,
-                                position=grid.position, ablate=ablate, ablate_mode=grid.ablate_mode,
-                                n_heldout=grid.n_heldout, batch_size=grid.batch_size, step_unit=grid.step_unit,
-                                balanced=grid.balanced, precision=grid.precision, device=grid.device,
-                                loss_reduction=grid.loss_reduction))
+                            out.append(RunConfig(task=task, model=model, baseline=baseline, seed=seed, lr=lr,
+                                                 ablate=ablate, **settings))
     return out
 
 
@@ -235,11 +267,6 @@ def _check_inputs(todo: list[RunConfig]) -> None:
             load_split(task, split, c.data_dir)
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def select(grid: GridConfig, all_cells: list[RunConfig], only: dict[str, list] | None) -> list[RunConfig]:
     """The cells whose seed/task is among `only`'s (e.g. {"seeds": [0]}: seed 0 of every
     task first). The grid itself, and what `report` expects of it, stays whole."""
@@ -277,7 +304,8 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
           f"{sum(s == 'done' for s in status.values())} already done, {len(todo)} to run", flush=True)
     _check_inputs(todo)
     # what `report` counts as expected; several grids may share one results directory
-    atomic_write_json(results_dir / "grids" / f"{grid.name}.json", dataclasses.asdict(grid))
+    every = cells(grid)
+    atomic_write_json(results_dir / "grids" / f"{grid.name}.json", grid.record([cell_id(c, grid.data_fingerprints) for c in every]))
     if dry_run:
         for c in todo:
             print(f"to run: {cell_id(c)}", flush=True)
@@ -310,7 +338,7 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
         elapsed = time.perf_counter() - start
         eta = elapsed / ran * (len(todo) - i)
         print(f"[{i}/{len(todo)}] {cell_id(c)}: {outcome} in {time.perf_counter() - t0:.0f}s | "
-              f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}", flush=True)
+              f"elapsed {fmt_time(elapsed)} | ETA {fmt_time(eta)}", flush=True)
     done = sum(cell_status(results_dir, c) == "done" for c in mine)
     print(f"grid {grid.name}: {done}/{len(mine)} cells done, {failed} failed in this run", flush=True)
     return {"cells": len(mine), "done": done, "failed": failed, "ran": ran}

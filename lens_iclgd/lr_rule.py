@@ -15,16 +15,66 @@ are chosen separately: LCGD's gradients are several times GD's, so GD's rate ove
 
 A flat per-model table (`["gemma-3-270m"]` with `sst2 = 1e-05`, the older shape) is GD's
 chosen rate, which is also the rate every method shares under `lrs = ["shared"]`.
+
+The words a user may give instead of a number (`--lr`, a grid's `lrs`) live here too:
+LR_WORDS, `parse_lr`, and `lr_rule_of` (how a run's rates were set).
 """
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 AUTO_LRS = (1e-5, 3e-5, 1e-4, 3e-4)  # the grid `--lr auto` tries (the lr_sweep grid's rates)
 AUTO_HELDOUT = 32  # held-out training examples scored by `--lr auto` when --n-heldout is 0
 LR_WORDS = ("default", "shared", "auto")  # besides a number: own chosen rates, GD's for all, chosen now
+LEARNING_RATES_FILE = Path(__file__).parent / "learning_rates.toml"
+
+
+def parse_lr(value: Any) -> float | str | None:
+    """A learning-rate setting as a user wrote it (CLI text, grid entry): a positive number,
+    or "default" (None: each method's chosen rate), "shared", "auto". ValueError otherwise."""
+    if value is None or value == "default":
+        return None
+    if isinstance(value, str):
+        if value in LR_WORDS:
+            return value
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number or one of {', '.join(LR_WORDS)}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number or one of {', '.join(LR_WORDS)}")
+    return float(value)
+
+
+def lr_rule_of(lr: float | str | None) -> str:
+    """How a run's rates are set: "default" (each method's chosen rate), "shared", "auto", "--lr"."""
+    return "default" if lr is None else lr if isinstance(lr, str) else "--lr"
+
+
+def default_lr(model: str, task: Any, method: str = "gd", shared: bool = False) -> tuple[float, str]:
+    """The learning rate when none is given, and where it came from: the method's own rate
+    chosen by the lr_sweep rule (learning_rates.toml), else GD's chosen rate (always so with
+    `shared`), else the paper's value for its 1.3B model. `task`: a tasks.Task."""
+    table = tomllib.loads(LEARNING_RATES_FILE.read_text()) if LEARNING_RATES_FILE.exists() else {}
+    name = LEARNING_RATES_FILE.name
+    own = None if shared else chosen_rate(table, model, task.name, method)
+    if own is not None:
+        return own[0], f"{name} {own[1]}"
+    gd = chosen_rate(table, model, task.name, "gd")
+    if gd is not None:
+        if method == "gd":
+            return gd[0], f"{name} {gd[1]}"
+        why = "shared: GD's chosen rate" if shared else f"GD's chosen rate: no {method} rate chosen for {task.name}"
+        return gd[0], f"{name} {gd[1]} ({why})"
+    if task.paper_lr is not None:
+        return task.paper_lr, "paper (1.3B model)"
+    raise UserError(f"task {task.name} has no default learning rate for {model}: pass --lr <rate> or --lr auto")
 
 
 def best_lr(curve: Mapping[float, float | None]) -> float:

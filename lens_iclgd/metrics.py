@@ -1,4 +1,4 @@
-"""Similarity metrics between ICL and finetuning (PROTOCOL.md).
+"""Similarity metrics between ICL and finetuning (docs/protocol.md).
 
 All work on recordings: h = `blocks.{l}.hook_attn_out` vectors [example, layer, d_model],
 m = pre-softmax score rows [example, layer, head, key] (NaN marks an absent key; absent
@@ -40,10 +40,14 @@ as the mean over layers. A cosine with a zero vector is undefined (NaN) and left
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .recording import Recording
 
 Vectors = Float[Tensor, "example layer d_model"]
 Scores = Float[Tensor, "example layer head key"]
@@ -158,7 +162,7 @@ def _floats(x: Tensor) -> list[float | None]:
 
 
 def frame(values: dict[str, Tensor]) -> "pd.DataFrame":
-    """Per-example metrics (e.g. `runner.compare(...)`) as one long DataFrame with
+    """Per-example metrics (e.g. `compare(...)`) as one long DataFrame with
     columns metric, example, layer, [head], value."""
     import pandas as pd
 
@@ -171,3 +175,18 @@ def frame(values: dict[str, Tensor]) -> "pd.DataFrame":
         cols["value"] = v.reshape(-1).numpy()
         parts.append(pd.DataFrame(cols))
     return pd.concat(parts, ignore_index=True)
+
+
+def compare(zs: Recording, icl: Recording, ft: Recording, seed: int) -> dict[str, Any]:
+    """Every ICL-vs-finetuning metric of one method, per example/layer(/head). The random
+    vectors depend on the seed only, never on the method."""
+    uniform = uniform_vectors(zs.attn_out.shape, seed)
+    return {
+        "SimAOU": simaou(icl.attn_out, zs.attn_out, ft.attn_out),
+        "SimAOU_norm": simaou_norm(icl.attn_out, zs.attn_out, ft.attn_out),
+        "SimAOU_random": simaou_random(icl.attn_out, zs.attn_out, uniform),
+        "SimAOU_random_text": simaou_random_text(icl.attn_out, zs.attn_out, uniform),
+        "SimAOU_random_matched": simaou_random_matched(icl.attn_out, zs.attn_out, random_update(ft.attn_out, seed)),
+        "SimAM": simam(icl.attn_scores, ft.attn_scores),
+        "SimAM_delta": simam_delta(icl.attn_scores, zs.attn_scores, ft.attn_scores),
+    }

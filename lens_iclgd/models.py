@@ -9,11 +9,11 @@ Where a model comes from:
 - any official TransformerLens model name (downloaded from the Hugging Face hub);
 - a local Hugging Face model directory (config.json + weights + tokenizer).
 
-Models are loaded without TransformerLens's weight processing (PROTOCOL.md): folding
+Models are loaded without TransformerLens's weight processing (docs/protocol.md): folding
 LayerNorm into W_K/W_V would make SGD on K/V optimise a different parameterisation, and
 the embeddings baseline must keep the LayerNorm weights.
 
-Baselines (PROTOCOL.md, paper Table 1):
+Baselines (docs/protocol.md, paper Table 1):
 - `trained`: the pretrained model.
 - `untrained`: every parameter re-initialised with TransformerLens's own init.
 - `embeddings`: token/positional embeddings, unembedding and every norm weight kept from
@@ -45,7 +45,7 @@ from .zoo import (DEFAULT_MODEL, OFFLINE_MODELS, OfflineModel, cache_root, check
 
 log = logging.getLogger("lens_iclgd")
 
-BASELINES = ("trained", "untrained", "embeddings")
+from .config import BASELINES  # noqa: E402 (declared with the other settings)
 
 
 @dataclass

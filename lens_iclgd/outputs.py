@@ -31,10 +31,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .config import DEFAULT_TOP_K
 from .errors import check_int
 from .vocab import VOCAB_CHUNK, logit_chunks
 
-DEFAULT_TOP_K = 10
 PAIR_METRICS = ("top_k_overlap", "overlap_cosine", "kl", "js")
 ROWS_PER_PASS = 1024  # [rows, chunk] temporaries of 32 MB at chunk 8192
 

@@ -25,7 +25,6 @@ candidate "mixed" stands for, and `DEFAULT_PRECISION` is the default of every co
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .device import DEFAULT_DEVICE
 from .errors import UserError
 from .hardware import Bf16Probe, bf16_probe
 
@@ -63,7 +61,7 @@ CANDIDATES: dict[str, PrecisionPolicy] = {
     "bfloat16": PrecisionPolicy(BF16, BF16, BF16, BF16),  # everything
 }
 # Which candidate "mixed" is: the fastest one within fidelity in `bench --precision-study`.
-# Measured (README, Precision): on the bench cell (gemma-3-270m, SST-2, k 16, n-test 100,
+# Measured (docs/precision-and-devices.md): on the bench cell (gemma-3-270m, SST-2, k 16, n-test 100,
 # lr 1e-5) train-vocab-bf16 is 1.74x faster than float32 and within fidelity (largest
 # per-layer metric difference 0.0047, predictions 100% identical); on MR (lr 1e-4) its
 # metrics stay within 0.016 but LCGD's predictions agree on only 96% of examples.
@@ -71,10 +69,10 @@ MIXED = "train-vocab-bf16"
 # The default of run, grid, bench and RunConfig: the fastest policy within fidelity on
 # every measured cell. No bfloat16 policy passed on both, so the default stays float32
 # and "mixed" is opt-in (results.json: precision_within_fidelity false).
-DEFAULT_PRECISION = "float32"
+from .config import DEFAULT_PRECISION, PRECISIONS  # noqa: E402 (declared with the other settings)
 
 PRESETS: dict[str, PrecisionPolicy] = {"float32": PrecisionPolicy(), "mixed": CANDIDATES[MIXED], **CANDIDATES}
-PRECISIONS = tuple(PRESETS)
+assert tuple(PRESETS) == PRECISIONS, "config.PRECISIONS must name precision.PRESETS, in order"
 
 # The fidelity rule of the study: against float32, every per-layer metric within
 # LAYER_TOLERANCE, every cell mean within MEAN_TOLERANCE, predictions agreeing on at
@@ -145,13 +143,3 @@ def vocab_matmul_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return torch.bfloat16 if _VOCAB_LOW.get() else None
-
-
-def add_compute_args(parser: argparse.ArgumentParser, unset: bool = False) -> None:
-    """The --precision and --device flags of run, grid and bench; `unset`: default None
-    (a grid config's own keys then apply)."""
-    parser.add_argument("--precision", choices=PRECISIONS, default=None if unset else DEFAULT_PRECISION,
-                        help=f"numeric precision per phase (default {DEFAULT_PRECISION}; mixed and bfloat16 compute "
-                             "in bfloat16 from float32 weights; see bench --precision-study)")
-    parser.add_argument("--device", default=None if unset else DEFAULT_DEVICE,
-                        help="auto (cuda, else mps, else cpu) | cpu | cuda[:i] | mps")

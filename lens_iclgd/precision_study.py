@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import metrics as M
 from .precision import LAYER_TOLERANCE, MEAN_TOLERANCE, MIN_AGREEMENT
 from .recording import Recording
-from .runner import compare
+from .metrics import compare
 
 METRICS = ("SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta")
 METHODS = ("gd", "lcgd")

@@ -33,3 +33,8 @@ def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = 
     if not enabled():
         return iterable
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr, disable=False, dynamic_ncols=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

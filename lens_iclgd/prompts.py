@@ -13,6 +13,9 @@ reused for every test example.
 
 from __future__ import annotations
 
+import math
+import random
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +107,7 @@ def build_prompts(
 ) -> PromptSet:
     """Sample and order demonstrations by `seed`, pick the test examples, tokenize, and
     keep the longest prefix of demonstrations that fits the context together with the
-    longest test prompt (PROTOCOL.md). `balanced`: an equal count per label
+    longest test prompt (docs/protocol.md). `balanced`: an equal count per label
     (tasks.demo_indices)."""
     check_int("seed", seed, -(2**63))
     for name, value, minimum in (("k", k, 1), ("n_test", n_test, 1), ("n_heldout", n_heldout, 0)):
@@ -147,3 +150,21 @@ def build_prompts(
         demo_rows=demo_idx[:fits], demo_labels=[int(train_rows[i][task.label_field]) for i in demo_idx[:fits]],
         queries=queries, heldout=heldout, k_requested=k, n_ctx=n_ctx,
     )
+
+
+def permute_demos(prompts: PromptSet, seed: int, order: int) -> None:
+    """Reorder the demonstrations (the same set) by the order-th of a seeded sequence of
+    distinct permutations; order 0 is the identity, so no two orders coincide."""
+    k = prompts.k
+    if order >= math.factorial(k):
+        raise UserError(f"{k} demonstrations have only {math.factorial(k)} orders; ask for fewer --orders or a larger k")
+    rng, perms = random.Random(f"order-{seed}"), [tuple(range(k))]
+    while len(perms) <= order:
+        perm = list(range(k))
+        rng.shuffle(perm)
+        if tuple(perm) not in perms:
+            perms.append(tuple(perm))
+    perm = perms[order]
+    prompts.demos = [prompts.demos[i] for i in perm]
+    prompts.demo_rows = [prompts.demo_rows[i] for i in perm]
+    prompts.demo_labels = [prompts.demo_labels[i] for i in perm]

@@ -1,4 +1,4 @@
-"""Recording: run test examples through the model and keep what PROTOCOL.md measures.
+"""Recording: run test examples through the model and keep what docs/protocol.md measures.
 
 For every test example and layer l this keeps, at the recorded position:
 - `blocks.{l}.hook_attn_out`: the attention block's output vector (before it is added
@@ -12,7 +12,7 @@ token, whatever the recorded position), the final residual after `ln_final`: wit
 frozen `unembed` it gives the whole next-token distribution (outputs.py), d_model
 numbers per example instead of a vocabulary's.
 
-Recorded position (PROTOCOL.md): "answer" (default, the original code's choice) is the
+Recorded position (docs/protocol.md): "answer" (default, the original code's choice) is the
 first token of the first answer option fed after the prompt; "prompt" is the last prompt
 token, whose next-token distribution is scored.
 
@@ -43,8 +43,7 @@ from .progress import bar
 from .prompts import Query
 from .vocab import log_probs
 
-POSITIONS = ("answer", "prompt")
-DEFAULT_POSITION = "answer"
+from .config import DEFAULT_POSITION, POSITIONS  # noqa: E402 (declared with the other settings)
 
 Hook = tuple[str, Callable]
 

@@ -14,7 +14,7 @@ and writes to the report directory:
   similarity metric; lr_rule.py);
 - Table 2 is at each method's own chosen learning rate; table2_shared.md/.csv is the same
   with every method at GD's chosen rate (cells run with `lrs = ["shared"]`);
-- report.md: all of the above and the four findings of PROTOCOL.md, checked.
+- report.md: all of the above and the four findings of docs/protocol.md, checked.
 
 Cells: mean over seeds with the standard deviation over seeds; the "mean" column
 averages the task means, its spread is the standard deviation over seeds of the
@@ -24,7 +24,7 @@ task-averaged value.
 from __future__ import annotations
 
 import json
-import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .findings import CLAIMS, Finding, unavailable
 from .lr_rule import best_lr, format_table
-from .store import atomic_write_bytes, atomic_write_text
+from .store import atomic_write_bytes, atomic_write_text, read_toml
 
 METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
            "SimAM_delta", "Rec2FTP")
@@ -63,7 +64,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"results directory {results_dir} does not exist")
-    expected = {i: c for i, c in _expected_cells(results_dir).items() if model is None or c.model == model}
+    expected = {i: c for i, c in _expected_cells(results_dir).items() if model is None or c["model"] == model}
     files = sorted(results_dir.glob("cells/*/results.json")) or sorted(results_dir.glob("**/results.json"))
     cells, rows, n_files = [], [], 0
     for f in files:
@@ -114,24 +115,29 @@ def _lr_rule(config: dict) -> str:
     return config.get("lr_rule") or ("default" if config.get("lr_source") not in (None, "--lr") else "--lr")
 
 
-def _expected_cells(results_dir: Path) -> dict[str, Any]:
-    """cell id -> RunConfig of every cell the recorded grids define."""
+def _expected_cells(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """cell id -> {model, baseline, task, seed} of every cell the recorded grids define."""
     return {i: c for grid in grid_cells(results_dir).values() for i, c in grid.items()}
 
 
-def grid_cells(results_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """grid name -> {cell id -> RunConfig} of the grids recorded in grids/*.json. A grid
-    recorded without data fingerprints was run before they existed: its cells carry
-    legacy ids."""
-    from .grid import GridConfig, cell_id, cells, legacy_cell_id
-
-    out: dict[str, dict[str, Any]] = {}
+def grid_cells(results_dir: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """grid name -> {cell id -> {model, baseline, task, seed}} of the grids recorded in
+    grids/*.json. A record lists its cells' ids (grids run since they do); an older record
+    has them recomputed (that needs the model stack: grid.py), and one recorded without
+    data fingerprints was run before they existed: its cells carry legacy ids."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for f in sorted(Path(results_dir).glob("grids/*.json")):
         raw = json.loads(f.read_text())
-        grid = GridConfig(**raw)
-        out[grid.name] = {cell_id(c, grid.data_fingerprints) if "data_fingerprints" in raw else legacy_cell_id(c): c
-                          for c in cells(grid)}
+        out[raw["name"]] = raw["cells"] if "cells" in raw else _recomputed_ids(raw)
     return out
+
+
+def _recomputed_ids(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from .grid import cell_id, cells, grid_from_record, legacy_cell_id
+
+    grid = grid_from_record(raw)
+    return {(cell_id(c, grid.data_fingerprints) if "data_fingerprints" in raw else legacy_cell_id(c)):
+            {"model": c.model, "baseline": c.baseline, "task": c.task, "seed": c.seed} for c in cells(grid)}
 
 
 # Cells at each method's own chosen rate: from learning_rates.toml ("default") or chosen in
@@ -440,10 +446,11 @@ def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
 # --- findings ---------------------------------------------------------------------------------
 
 
-def findings(coll: Collected) -> list[str]:
+def findings(coll: Collected) -> list[Finding]:
+    """The paper's four findings (findings.CLAIMS) against one model's cells."""
     rows, out = coll.rows, []
     if rows.empty:
-        return ["No finished cells yet."]
+        return [unavailable(n, "no finished cells yet.") for n in CLAIMS]
     rows = _one_row_per_run(rows)
     gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
     # only the (task, seed) pairs run for every baseline, so no baseline is averaged over other tasks
@@ -454,14 +461,13 @@ def findings(coll: Collected) -> list[str]:
     if "trained" in by_base and len(by_base) > 1:
         others = {b: v for b, v in by_base.items() if b != "trained"}
         agree = all(v >= by_base["trained"] - 0.05 for v in others.values())
-        out.append(f"1. SimAOU is no evidence on its own (GD, the {len(pairs)} task-seed pairs run for every baseline: "
-                   f"{', '.join(_task_order(t for t, _ in pairs))}): "
-                   f"SimAOU trained {by_base['trained']:.3f} vs "
-                   + ", ".join(f"{BASELINE_NAMES.get(b, b)} {v:.3f}" for b, v in others.items())
-                   + (" -> **agrees** (the re-initialised models score as high or higher)." if agree
-                      else " -> **does not agree** (the trained model scores clearly higher)."))
+        out.append(Finding(1, "agrees" if agree else "does not agree",
+                           f"GD SimAOU on the {len(pairs)} task-seed pairs run for every baseline "
+                           f"({', '.join(_task_order(t for t, _ in pairs))}): trained {by_base['trained']:.3f} vs "
+                           + ", ".join(f"{BASELINE_NAMES.get(b, b)} {v:.3f}" for b, v in others.items()),
+                           {f"SimAOU_{b}": float(v) for b, v in by_base.items()}, "at the chosen learning rates"))
     else:
-        out.append("1. Needs GD cells of the trained and re-initialised baselines (table1): not available yet.")
+        out.append(unavailable(1, "needs GD cells of the trained and re-initialised baselines (table1): not available yet."))
     # the paper's cells (chosen rates) when there are any, else the learning-rate sweep's
     ft, source = _paper_cells(rows), "at the chosen learning rates"
     if not ft["method"].isin(["gd", "lcgd"]).any():
@@ -469,32 +475,39 @@ def findings(coll: Collected) -> list[str]:
     ft = ft[ft["method"].isin(["gd", "lcgd"])].dropna(subset=["SimAOU", "SimAOU_norm"])
     if len(ft):
         diff = ft["SimAOU_norm"] - ft["SimAOU"]
-        out.append(f"2. SimAOU_norm inflates similarity: mean SimAOU_norm {ft['SimAOU_norm'].mean():.3f} vs SimAOU "
-                   f"{ft['SimAOU'].mean():.3f}; higher in {100 * (diff > 0).mean():.0f}% of {len(ft)} cell-methods "
-                   f"{source} -> "
-                   + ("**agrees**." if diff.mean() > 0 and (diff > 0).mean() > 0.5 else "**does not agree**."))
+        out.append(Finding(2, "agrees" if diff.mean() > 0 and (diff > 0).mean() > 0.5 else "does not agree",
+                           f"mean SimAOU_norm {ft['SimAOU_norm'].mean():.3f} vs SimAOU {ft['SimAOU'].mean():.3f}; "
+                           f"higher in {100 * (diff > 0).mean():.0f}% of {len(ft)} cell-methods {source}",
+                           {"SimAOU_norm": float(ft["SimAOU_norm"].mean()), "SimAOU": float(ft["SimAOU"].mean()),
+                            "share_higher": float((diff > 0).mean())}, source))
+    else:
+        out.append(unavailable(2, "needs GD or LCGD cells: not available yet."))
     t2 = table2(rows)
     cells2 = _paper_cells(rows)[lambda r: r["baseline"] == "trained"]
-    if not t2.empty:
-        per_task = cells2.pivot_table(index="task", columns="method", values="SimAM_delta", aggfunc="mean").dropna()
-        wins = int((per_task["lcgd"] > per_task["gd"]).sum()) if {"gd", "lcgd"} <= set(per_task.columns) else 0
-        alpha = cells2[cells2["method"] == "gd"]["alpha"].dropna()
-        layer_gap = _layer_gap(coll)
-        out.append(f"3. LCGD scores higher SimAM_delta than GD on {wins} of {len(per_task)} tasks "
-                   f"(mean {per_task['lcgd'].mean():.3f} vs {per_task['gd'].mean():.3f}); alpha {alpha.mean():.3f} "
-                   f"± {alpha.std():.3f} over {len(alpha)} cells (paper: about 0.1-0.2); per-layer LCGD-GD gap "
-                   f"ranges {layer_gap[0]:+.3f} to {layer_gap[1]:+.3f} -> "
-                   + ("**agrees**" if wins > len(per_task) / 2 and 0.05 <= alpha.mean() <= 0.3 else
-                      "**partly agrees**" if wins > len(per_task) / 2 or 0.05 <= alpha.mean() <= 0.3 else "**does not agree**")
-                   + ".")
-        cells = _table2_cells(coll)
-        ratio = [np.mean(np.array(c["grad_norms"]["lcgd"]) / np.array(c["grad_norms"]["gd"])) for c in cells]
-        above = np.mean([np.mean(np.array(c["grad_norms"]["lcgd"]) > np.array(c["grad_norms"]["gd"])) for c in cells])
-        out.append(f"4. LCGD's per-layer gradient norms are {np.mean(ratio):.1f}x GD's on average "
-                   f"(larger in {100 * above:.0f}% of layer-steps, {len(cells)} cells) -> "
-                   + ("**agrees**." if np.mean(ratio) > 2 else "**does not agree**."))
-    else:
-        out.append("3./4. Need trained-model cells with both GD and LCGD (table2): not available yet.")
+    if t2.empty:
+        return out + [unavailable(n, "needs trained-model cells with both GD and LCGD (table2): not available yet.")
+                      for n in (3, 4)]
+    per_task = cells2.pivot_table(index="task", columns="method", values="SimAM_delta", aggfunc="mean").dropna()
+    wins = int((per_task["lcgd"] > per_task["gd"]).sum()) if {"gd", "lcgd"} <= set(per_task.columns) else 0
+    alpha = cells2[cells2["method"] == "gd"]["alpha"].dropna()
+    layer_gap = _layer_gap(coll)
+    majority, paper_alpha = wins > len(per_task) / 2, 0.05 <= alpha.mean() <= 0.3
+    out.append(Finding(3, "agrees" if majority and paper_alpha else "partly agrees" if majority or paper_alpha else "does not agree",
+                       f"LCGD's SimAM_delta is above GD's on {wins} of {len(per_task)} tasks (mean "
+                       f"{per_task['lcgd'].mean():.3f} vs {per_task['gd'].mean():.3f}); alpha {alpha.mean():.3f} ± "
+                       f"{alpha.std():.3f} over {len(alpha)} cells (paper: about 0.1-0.2); per-layer LCGD-GD gap "
+                       f"{layer_gap[0]:+.3f} to {layer_gap[1]:+.3f}",
+                       {"tasks_lcgd_above": wins, "tasks": len(per_task), "SimAM_delta_lcgd": float(per_task["lcgd"].mean()),
+                        "SimAM_delta_gd": float(per_task["gd"].mean()), "alpha": float(alpha.mean())},
+                       "each method at its own chosen learning rate"))
+    cells = _table2_cells(coll)
+    ratio = [np.mean(np.array(c["grad_norms"]["lcgd"]) / np.array(c["grad_norms"]["gd"])) for c in cells]
+    above = np.mean([np.mean(np.array(c["grad_norms"]["lcgd"]) > np.array(c["grad_norms"]["gd"])) for c in cells])
+    out.append(Finding(4, "agrees" if np.mean(ratio) > 2 else "does not agree",
+                       f"LCGD's per-layer gradient norms are {np.mean(ratio):.1f}x GD's on average (larger in "
+                       f"{100 * above:.0f}% of layer-steps, {len(cells)} cells)",
+                       {"grad_norm_ratio": float(np.mean(ratio)), "share_larger": float(above)},
+                       "each method at its own chosen learning rate"))
     return out
 
 
@@ -504,11 +517,61 @@ def _layer_gap(coll: Collected) -> tuple[float, float]:
     return float(np.nanmin(gap)), float(np.nanmax(gap))
 
 
+# --- the manifest: how every committed result was made --------------------------------------------
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """artifacts/manifest.toml: [[grid]] config + command, [[other]] what + command,
+    [report] command."""
+    path = Path(path)
+    raw = read_toml(path, "manifest", "pass a file like artifacts/manifest.toml")
+    for key, need in (("grid", ("config", "command")), ("other", ("what", "command"))):
+        for entry in raw.get(key, []):
+            if not isinstance(entry, dict) or any(not isinstance(entry.get(k), str) for k in need):
+                raise UserError(f"manifest {path}: every [[{key}]] needs {' and '.join(need)} (strings)")
+    if not isinstance(raw.get("report", {}).get("command"), str):
+        raise UserError(f"manifest {path}: needs [report] command = \"lens-iclgd report ...\"")
+    return raw
+
+
+def _made_at(cells: list[dict]) -> str:
+    """The versions and commits a set of cells records (results.json `provenance`)."""
+    made = sorted({(c["provenance"]["package_version"], (c["provenance"]["git_commit"] or "no checkout")[:10]
+                    + ("+changes" if c["provenance"].get("git_dirty") else ""))
+                   for c in cells if c.get("provenance")})
+    old = sum(1 for c in cells if not c.get("provenance"))
+    parts = [f"{v} at {commit}" for v, commit in made]
+    if old:
+        parts.append(f"{old} cells from before results recorded it")
+    return "; ".join(parts) or "-"
+
+
+def manifest_lines(manifest: dict[str, Any], results_dir: str | Path, coll: Collected) -> list[str]:
+    """The report's opening: one command per line, then what each grid has finished."""
+    commands = [g["command"] for g in manifest.get("grid", [])] + [o["command"] for o in manifest.get("other", [])]
+    lines = ["## How to reproduce", "",
+             "Every committed result and this report, one command per line, in order (artifacts/manifest.toml; "
+             "a grid command runs only its missing cells):", "", "```", *commands, manifest["report"]["command"], "```", ""]
+    ids = grid_cells(results_dir)
+    by_name = {Path(c["_path"]).name: c for c in coll.cells}
+    lines += ["| grid config | cells finished / defined here | made at (version, commit) |", "|---|---|---|"]
+    for g in manifest.get("grid", []):
+        path = Path(g["config"])
+        try:
+            name = tomllib.loads(path.read_text()).get("name", path.stem)
+        except (OSError, tomllib.TOMLDecodeError):
+            name = path.stem
+        mine = [by_name[i] for i in ids.get(name, {}) if i in by_name]
+        lines.append(f"| {g['config']} | {len(mine)} / {len(ids.get(name, {}))} | {_made_at(mine)} |")
+    lines += [""] + [f"- {o['what']}" for o in manifest.get("other", [])] + [""]
+    return lines
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None, command: str | None = None,
-                 model: str | None = None) -> Path:
+                 model: str | None = None, manifest: dict[str, Any] | None = None) -> Path:
     """The report of one results directory; of one `model`'s cells if given (see
     crossmodel.py for several models)."""
     coll = collect(results_dir, model)
@@ -516,7 +579,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
     out.mkdir(parents=True, exist_ok=True)
     n_cells = len(coll.cells)
     lines = ["# lens-iclgd report", ""]
-    if command:
+    if manifest:
+        lines += manifest_lines(manifest, results_dir, coll)
+    elif command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     status = f"{n_cells} finished cells"
     if coll.expected:
@@ -575,6 +640,6 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
         caption = make(out / fname) if not coll.rows.empty else None
         if caption:
             lines += [f"![{fname}]({fname})", "", f"*{caption}*", ""]
-    lines += ["## Findings (PROTOCOL.md) against these results", ""] + findings(coll) + [""]
+    lines += ["## Findings (docs/protocol.md) against these results", ""] + [f.markdown() for f in findings(coll)] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out

@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import UserError
 
 
@@ -117,6 +115,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     buf = io.BytesIO()
+    import torch  # here, not at the top: the report reads results without torch
+
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -170,6 +170,8 @@ class StageStore:
         if not path.exists():
             return None
         try:
+            import torch
+
             blob = torch.load(path, weights_only=False)
         except Exception:
             # A file from an older, incompatible version or a damaged disk: recompute.

@@ -33,7 +33,7 @@ log = logging.getLogger("lens_iclgd")
 BUILTIN_DIR = Path(__file__).parent / "tasks"
 PAPER_TASKS = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 DEFAULT_TASK = "rt_snippets"  # works offline; the paper tasks need the hub or --data-dir
-EVAL_SHUFFLE_SEED = 0  # PROTOCOL.md: the eval split is shuffled with a fixed seed ...
+EVAL_SHUFFLE_SEED = 0  # docs/protocol.md: the eval split is shuffled with a fixed seed ...
 EVAL_CAP = 2000  # ... and capped at 2,000 examples
 
 _KEYS = {"name", "description", "template", "answers", "label_field", "train_split",

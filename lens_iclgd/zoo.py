@@ -30,7 +30,7 @@ from .store import read_toml
 log = logging.getLogger("lens_iclgd")
 
 ZOO_DIR = Path(__file__).parent / "zoo"
-# The one place the default model is named. Chosen by the rule in the README ("Models"):
+# The one place the default model is named. Chosen by the rule in docs/models.md:
 # the largest mean ICL - ZS gain (artifacts/icl_gain) among the models whose `make run`
 # cell takes at most 5 minutes on the project's 2-core CPU.
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"

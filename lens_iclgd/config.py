@@ -1,0 +1,182 @@
+"""RunConfig: every setting of one run, declared once.
+
+Each field carries its help text and kind in its metadata; from them come the flags of
+`lens-iclgd run` (and, for the compute settings, of `bench`), the scalar keys of a grid
+config (grid.py) and the checks of `validate()`. A new setting is one field here: the CLI,
+grids and the API pick it up (tests/test_config.py walks the fields).
+
+Kinds: "str", "int", "bool" (a flag), "lr" (a number or a word of lr_rule.LR_WORDS),
+"methods" (a comma list). A field with `cli=False` is set by a driver, not by a user
+(`order`: run_orders sets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, check_int, check_lr
+from .lr_rule import AUTO_HELDOUT, parse_lr
+from .tasks import DEFAULT_TASK
+from .zoo import DEFAULT_MODEL  # noqa: F401 (also the CLI's and grids' default)
+
+# The vocabularies of the settings, declared here and imported by the modules that act on
+# them, so this module (and the CLI built from it) loads without torch.
+FT_METHODS = ("gd", "lcgd")  # finetune.py
+SETTINGS = ("icl",) + FT_METHODS  # what a run can compute besides ZS (always recorded)
+BASELINES = ("trained", "untrained", "embeddings")  # models.py
+POSITIONS = ("answer", "prompt")  # recording.py
+DEFAULT_POSITION = "answer"
+STEP_UNITS = ("demo", "token")  # finetune.py
+LOSS_REDUCTIONS = ("sum", "mean")
+DEFAULT_LOSS_REDUCTION = "sum"  # the committed cells' protocol until rates for "mean" are swept (issue 31)
+PRECISIONS = ("float32", "mixed", "train-vocab-bf16", "train-bf16", "train-icl-bf16", "bfloat16")  # precision.PRESETS
+DEFAULT_PRECISION = "float32"  # why: precision.py
+DEFAULT_DEVICE = "auto"  # device.py
+ABLATE_MODES = ("zero", "mean")  # ablation.py
+DEFAULT_TOP_K = 10  # outputs.py
+
+
+def setting(default: Any, help: str, kind: str = "str", choices: tuple | None = None, cli: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "cli": cli})
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one run. Defaults are the paper's choices where it made one."""
+
+    task: str = setting(DEFAULT_TASK, f"built-in task name or path to a task .toml (default {DEFAULT_TASK}, offline)")
+    model: str = setting(DEFAULT_MODEL, "zoo model (see lens-iclgd models) | model .toml | TransformerLens name | local HF dir")
+    baseline: str = setting("trained", " | ".join(BASELINES) + " (untrained: all weights re-initialised; embeddings: "
+                            "embeddings kept, the rest re-initialised)")
+    methods: tuple[str, ...] = setting(("icl", "gd", "lcgd"), "comma list of icl, gd, lcgd (ZS always runs)", "methods")
+    k: int = setting(32, "demonstrations (paper: 32; fewer if the context is too short)", "int")
+    seed: int = setting(0, "picks and orders the demonstrations; seeds re-initialisation", "int")
+    n_test: int = setting(2000, "test examples (the paper caps the eval split at 2000)", "int")
+    lr: float | str | None = setting(
+        None, "SGD learning rate; or auto (chosen now on held-out training examples, per method; a re-initialised "
+              "baseline takes the trained model's choice); or shared (GD's chosen rate for every method) "
+              "(default: each method's chosen rate per model and task, learning_rates.toml)", "lr")
+    data_dir: str | None = setting(None, "directory with <task>/<split>.jsonl (hub schema), e.g. ../shared/data")
+    position: str = setting(DEFAULT_POSITION, "recorded position (default: answer, as the original code)", choices=POSITIONS)
+    ablate: str = setting("", "components to ablate in every setting, e.g. 3.5,7.*,attn4,mlp2 (ablation.py)")
+    ablate_mode: str = setting("zero", "how an ablated component is removed", choices=ABLATE_MODES)
+    n_heldout: int = setting(0, "training examples after the demonstrations, scored after finetuning", "int")
+    order: int = setting(0, "0: the seed's demonstration order; p > 0: the p-th permutation of the same set", "int", cli=False)
+    batch_size: int = setting(16, "test examples per forward pass", "int")
+    precision: str = setting(DEFAULT_PRECISION, f"numeric precision per phase (default {DEFAULT_PRECISION}; mixed and "
+                             "bfloat16 compute in bfloat16 from float32 weights; see bench --precision-study)", choices=PRECISIONS)
+    device: str = setting(DEFAULT_DEVICE, "auto (cuda, else mps, else cpu) | cpu | cuda[:i] | mps; where, never what: "
+                          "not in cell ids or stage keys")
+    step_unit: str = setting("demo", "one SGD step per demonstration (default, the paper's code) or per next-token target",
+                             choices=STEP_UNITS)
+    balanced: bool = setting(False, "demonstrations with an equal count per label (default: a plain random sample)", "bool")
+    loss_reduction: str = setting(DEFAULT_LOSS_REDUCTION, "each SGD step on the loss summed over the demonstration's "
+                                  "tokens (the committed cells) or their mean (the paper's code); rates differ by about "
+                                  "the token count", choices=LOSS_REDUCTIONS)
+    top_k: int = setting(DEFAULT_TOP_K, "K of the output metrics' top-K token overlap (outputs.py)", "int")
+
+    def validate(self) -> "RunConfig":
+        """Check types and ranges before any compute; return a normalised copy."""
+        from .ablation import parse_ablation
+        from .device import resolve_device
+        from .finetune import check_loss_reduction, check_step_unit
+        from .models import check_baseline, check_model_name
+        from .precision import check_precision
+        from .recording import check_position
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise UserError(msg)
+
+        check_int("seed", self.seed, -(2**63))
+        for f in fields():
+            if f.metadata["kind"] == "int" and f.name != "seed":
+                check_int(f.name, getattr(self, f.name), 1 if f.name in ("k", "n_test", "batch_size", "top_k") else 0)
+        if isinstance(self.lr, str):
+            need(self.lr in ("shared", "auto"), f"lr must be a number > 0, \"auto\" or \"shared\", got {self.lr!r}")
+        elif self.lr is not None:
+            check_lr(self.lr)
+        check_step_unit(self.step_unit)
+        check_loss_reduction(self.loss_reduction)
+        need(isinstance(self.balanced, bool), f"balanced must be true or false, got {self.balanced!r}")
+        methods = tuple(self.methods)
+        need(len(methods) > 0, "methods is empty: give some of icl, gd, lcgd")
+        for m in methods:
+            need(m in SETTINGS, f"unknown method {m!r}: use some of {', '.join(SETTINGS)}")
+        check_baseline(self.baseline)
+        check_position(self.position)
+        check_model_name(self.model)
+        check_precision(self.precision)
+        resolve_device(self.device)  # a device that is not there fails here, before any compute
+        parse_ablation(self.ablate, self.ablate_mode)  # syntax only; layer ranges checked with the model
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise UserError(f"data directory {self.data_dir} does not exist: pass --data-dir with <task>/<split>.jsonl files")
+        # ICL is always recorded when a finetuning method is: every metric compares to it.
+        ordered = tuple(m for m in SETTINGS if m in methods or (m == "icl" and set(methods) & set(FT_METHODS)))
+        lr = self.lr if self.lr is None or isinstance(self.lr, str) else float(self.lr)
+        # learning_rates.toml holds rates chosen for the summed loss; mean steps are ~token-count smaller
+        need(not (self.loss_reduction != "sum" and lr in (None, "shared") and set(ordered) & set(FT_METHODS)),
+             f"--loss-reduction {self.loss_reduction} has no chosen learning rates yet (learning_rates.toml is for "
+             f"the summed loss): pass --lr <rate> or --lr auto")
+        # --lr auto scores held-out training examples; 32 unless the user chose a number
+        n_heldout = AUTO_HELDOUT if lr == "auto" and not self.n_heldout and set(ordered) & set(FT_METHODS) else self.n_heldout
+        return dataclasses.replace(self, methods=ordered, lr=lr, n_heldout=n_heldout)
+
+    @property
+    def ft_methods(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if m in FT_METHODS)
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(RunConfig)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# --- the command line: one flag per field ----------------------------------------------------
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _lr(text: str) -> float | str | None:
+    try:
+        return parse_lr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(m.strip().lower() for m in text.split(",") if m.strip())
+
+
+_PARSERS = {"int": _int, "lr": _lr, "methods": _methods, "str": str}
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None, unset: bool = False) -> None:
+    """A flag for every user-set field (or those in `names`); `unset`: default None, so a
+    grid config's own keys apply where the flag is not given."""
+    for f in fields():
+        if not f.metadata["cli"] or (names is not None and f.name not in names):
+            continue
+        default = None if unset else f.default
+        kind, help_ = f.metadata["kind"], f.metadata["help"]
+        if kind == "bool":
+            parser.add_argument(flag(f.name), action="store_true", default=default, help=help_)
+        else:
+            parser.add_argument(flag(f.name), type=_PARSERS[kind], default=default, choices=f.metadata["choices"], help=help_)
+
+
+def from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of parsed `add_arguments` flags (fields without a flag: defaults)."""
+    return RunConfig(**{f.name: getattr(args, f.name) for f in fields() if hasattr(args, f.name)})

@@ -1,0 +1,59 @@
+"""The text a run prints: its summary table, and the order-sensitivity table (no torch)."""
+
+from __future__ import annotations
+
+
+def _lr_text(c: dict) -> str:
+    lrs = c.get("lr_by_method") or {}
+    if len(set(lrs.values())) > 1:
+        return ", ".join(f"{m.upper()} {lr:g}" for m, lr in lrs.items()) + f" ({c['lr_rule']})"
+    return format(c["lr"], "g") if isinstance(c["lr"], (int, float)) else "-"
+
+def summary_table(results: dict) -> str:
+    """A human-readable summary for stdout."""
+    c = results["config"]
+    lines = [
+        f"task {c['task']} | model {c['model']} ({c['baseline']}) | k {c['k_effective']} (asked {c['k_requested']}) "
+        f"| n_test {c['n_test_effective']} | seed {c['seed']} | lr {_lr_text(c)} | position {c['recorded_position']}",
+        "accuracy: " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in results["accuracy"].items()),
+    ]
+    names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
+             "SimAM_delta", "Rec2FTP"]
+    if results["metrics"]:
+        lines.append(f"{'metric (mean over layers)':<28}" + "".join(f"{m.upper():>10}" for m in results["metrics"]))
+        for name in names:
+            vals = [results["metrics"][m][name]["mean"] for m in results["metrics"]]
+            lines.append(f"{name:<28}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in vals))
+    if "zs_simam" in results:
+        z = results["zs_simam"]["mean"]
+        lines.append(f"{'ZS SimAM (ICL vs ZS)':<28}{'n/a' if z is None else f'{z:.3f}':>10}")
+    if "alpha" in results:
+        a = results["alpha"]["mean"]
+        lines.append(f"{'alpha (GD vs LCGD SimAM_delta)':<28}{'n/a' if a is None else f'{a:.3f}':>10}")
+    if "outputs" in results:
+        o = results["outputs"]
+        lines.append("top-1 token accuracy (whole vocabulary): " + "  ".join(f"{s.upper()} {v * 100:.1f}%" for s, v in o["token_accuracy"].items()))
+        lines.append(f"{'next-token output (K ' + str(o['top_k']) + ')':<28}" + "".join(f"{pair.upper():>10}" for pair in o["pairs"]))
+        for name in next(iter(o["pairs"].values()), {}):
+            vals = [o["pairs"][pair][name] for pair in o["pairs"]]
+            lines.append(f"{name:<28}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in vals))
+    f2t = {m: e["f2t"] for m, e in results["metrics"].items() if "f2t" in e}
+    if f2t:
+        lines.append("F2T subset (ZS wrong, ICL and the method right): " + "  ".join(
+            f"{m.upper()} n={e['n_examples']} SimAM_delta {'n/a' if e['SimAM_delta'] is None else format(e['SimAM_delta'], '.3f')}"
+            for m, e in f2t.items()))
+    lines.append(f"wall time {results['timings_s']['total']:.0f} s, peak memory {results['timings_s']['peak_rss_mb']} MB")
+    return "\n".join(lines)
+
+def orders_table(summary: dict) -> str:
+    lines = [f"{'setting':<8}{'acc mean':>10}{'acc std':>9}{'acc min':>9}{'acc max':>9}{'same pred':>11}{'flip rate':>11}"]
+    for s, st in summary["prediction_stability"].items():
+        a = summary["spread"][f"acc_{s}"]
+        lines.append(f"{s.upper():<8}{a['mean']:>10.3f}{a['std']:>9.3f}{a['min']:>9.3f}{a['max']:>9.3f}"
+                     f"{st['same_prediction_in_every_order']:>11.2f}{st['mean_pairwise_disagreement']:>11.3f}")
+    for name in ("SimAOU", "SimAM_delta"):
+        for m in ("gd", "lcgd"):
+            if f"{m}_{name}" in summary["spread"]:
+                v = summary["spread"][f"{m}_{name}"]
+                lines.append(f"{m.upper()} {name}: mean {v['mean']:.3f} std {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
+    return "\n".join(lines)
