@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/lens-iclgd
-# glibc malloc thresholds: fewer page faults in large CPU forwards (see README, Performance)
+# glibc malloc thresholds: fewer page faults in large CPU forwards (see docs/performance.md)
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824

@@ -62,7 +62,7 @@ def cmd_run(args) -> None:
         print(f"results: {out / 'orders.json'}")
         return
     results = run(cfg, out)
-    print(summary_table(results))
+    print(summary_table(results, args.summary))
     print(f"results: {out / 'results.json'}")
 
 
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one cell (ZS, ICL, GD, LCGD) and write results.json")
     config.add_arguments(p)  # one flag per RunConfig field
     p.add_argument("--out", default=None, help="output directory (default runs/<task>_<model>_...)")
+    p.add_argument("--summary", default="all", choices=("all", "f2t"),
+                   help="the printed metrics over all test examples, or over Dai et al.'s F2T subset (results.json has both)")
     p.add_argument("--orders", type=_int, default=None, metavar="P",
                    help="order sensitivity: run the same demonstrations in P orders and report the spread")
     p.set_defaults(func=cmd_run)

@@ -96,10 +96,12 @@ class RunConfig:
         for f in fields():
             if f.metadata["kind"] == "int" and f.name != "seed":
                 check_int(f.name, getattr(self, f.name), 1 if f.name in ("k", "n_test", "batch_size", "top_k") else 0)
-        if isinstance(self.lr, str):
-            need(self.lr in ("shared", "auto"), f"lr must be a number > 0, \"auto\" or \"shared\", got {self.lr!r}")
-        elif self.lr is not None:
-            check_lr(self.lr)
+        try:
+            lr = parse_lr(self.lr)  # the words of lr_rule.LR_WORDS, or a number
+        except ValueError:
+            raise UserError(f"lr must be a number > 0, \"auto\" or \"shared\", got {self.lr!r}") from None
+        if isinstance(lr, float):
+            check_lr(lr)
         check_step_unit(self.step_unit)
         check_loss_reduction(self.loss_reduction)
         need(isinstance(self.balanced, bool), f"balanced must be true or false, got {self.balanced!r}")
@@ -117,7 +119,6 @@ class RunConfig:
             raise UserError(f"data directory {self.data_dir} does not exist: pass --data-dir with <task>/<split>.jsonl files")
         # ICL is always recorded when a finetuning method is: every metric compares to it.
         ordered = tuple(m for m in SETTINGS if m in methods or (m == "icl" and set(methods) & set(FT_METHODS)))
-        lr = self.lr if self.lr is None or isinstance(self.lr, str) else float(self.lr)
         # learning_rates.toml holds rates chosen for the summed loss; mean steps are ~token-count smaller
         need(not (self.loss_reduction != "sum" and lr in (None, "shared") and set(ordered) & set(FT_METHODS)),
              f"--loss-reduction {self.loss_reduction} has no chosen learning rates yet (learning_rates.toml is for "

@@ -63,7 +63,6 @@ def cost_rows(results_dir: str | Path, k: int = 32) -> list[str]:
     return out
 
 
-
 def cost_table_markdown(results_dir: str | Path, k: int = 32) -> str:
     return "\n".join(["# Cost of the committed paper-scale cells", "",
                       "Wall time per phase of every committed cell at k " + str(k) + " (lens_iclgd/costs.py; "

@@ -26,10 +26,12 @@ import pandas as pd
 
 from . import report as R
 from .progress import fmt_time
+from . import rates
 from .costs import cost_table_markdown
 from .findings import CLAIMS, Finding
 from .icl_gain import icl_gain_body, icl_gain_table
 from .store import atomic_write_bytes, atomic_write_text
+
 
 def model_slug(model: str) -> str:
     """A model's report directory: the last path component of its name, file-safe."""
@@ -60,6 +62,7 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
               "Per-model reports (tables, figures, findings of each model's cells alone): "
               + ", ".join(f"[{m}]({model_slug(m)}/report.md)" for m in models) + ".", ""]
 
+    lines += verdicts_at_a_glance(per_model)
     gain = icl_gain_table(coll.cells)
     atomic_write_bytes(out / "icl_gain.csv", gain.to_csv(index=False, float_format="%.4f").encode())
     lines += ["## The premise: ICL - ZS accuracy per model", ""] + icl_gain_body(gain, times)
@@ -105,6 +108,56 @@ CODE_CHECKS = [
     "training equal the naive TransformerLens pipeline to <= 8.6e-5 relative, predictions 100% identical "
     "(`lens-iclgd bench`). A disagreement is then a property of the model, task and learning rate as run, not of "
     "the code.", ""]
+
+
+def verdicts_at_a_glance(per_model: dict[str, R.Collected]) -> list[str]:
+    """The answer first: every finding x model, finding 3 also per learning-rate regime of
+    each sweep (rates.py), each entry with the numbers it rests on."""
+    models = list(per_model)
+    found = {m: {f.number: f for f in R.findings(c)} for m, c in per_model.items()}
+    lines = ["## Verdicts at a glance", "",
+             "Rows 1-4: the paper-scale cells (k 32, summed loss, each method at its own chosen rate; details in "
+             "\"Findings\" below). Rows 3(a)-(c): finding 3 on each learning-rate sweep (GD and LCGD at shared rates), "
+             "decided per regime (section \"Finding 3 by learning rate and update size\" of each model's report); "
+             "\"depends on the rate\" where the regimes or the per-rate counts disagree.", "",
+             "| finding | regime | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for n, claim in CLAIMS.items():
+        cells = []
+        for m in models:
+            f = found[m].get(n)
+            cells.append("not available" if f is None else f.verdict + (f" ({_short(f)})" if _short(f) else ""))
+        lines.append(f"| {n}. {claim.name} | paper scale | " + " | ".join(cells) + " |")
+    results = {m: {key: rates.regimes(s) for key, s in rates.sweeps(c.cells).items()} for m, c in per_model.items()}
+    for loss, k in sorted({(key[1], key[2]) for r in results.values() for key in r}):
+        for regime, name in [*rates.REGIMES.items(), ("overall", "overall")]:
+            row = []
+            for m in models:
+                res = results[m].get((m, loss, k))
+                if res is None:
+                    row.append("-")
+                elif regime == "overall":
+                    row.append(res["overall"])
+                else:
+                    v = res["verdicts"].get(regime)
+                    row.append("-" if not v else f"{v['verdict']} ({v['wins']}/{v['tasks']} tasks; "
+                               f"{v['lcgd']:.3f} vs {v['gd']:.3f})" if v["tasks"] else v["verdict"])
+            label = f"({regime}) {name}" if regime != "overall" else "all regimes and rates"
+            lines.append(f"| 3. {CLAIMS[3].name} | {loss} loss, k {k}: {label} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _short(f: Finding) -> str:
+    """The one or two numbers a verdict rests on, for the table."""
+    n = f.numbers
+    if f.number == 3 and "tasks" in n:
+        return f"{n['tasks_lcgd_above']}/{n['tasks']} tasks; alpha {n['alpha']:.3f}"
+    if f.number == 4 and "grad_norm_ratio" in n:
+        return f"{n['grad_norm_ratio']:.1f}x"
+    if f.number == 2 and "SimAOU_norm" in n:
+        return f"{n['SimAOU_norm']:.3f} vs {n['SimAOU']:.3f}"
+    if f.number == 1 and "SimAOU_trained" in n:
+        return f"trained {n['SimAOU_trained']:.3f}"
+    return ""
 
 
 def side_by_side(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:

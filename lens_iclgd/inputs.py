@@ -36,6 +36,7 @@ class Inputs:
     lr_sources: dict[str, str] = field(default_factory=dict)
     lr_auto: dict[str, Any] | None = None  # --lr auto: {method: {"chosen", "curve"}}
 
+
 def resolve_lrs(inp: Inputs, lrs: dict[str, tuple[float, str]]) -> None:
     """Set each finetuning method's rate and source; config.lr keeps one number for old
     readers: GD's rate when GD runs, else the first method's."""
@@ -46,6 +47,7 @@ def resolve_lrs(inp: Inputs, lrs: dict[str, tuple[float, str]]) -> None:
         inp.config = dataclasses.replace(inp.config, lr=inp.lr_by_method[first])
         sources = set(inp.lr_sources.values())
         inp.lr_source = sources.pop() if len(sources) == 1 else "; ".join(f"{m}: {s}" for m, s in inp.lr_sources.items())
+
 
 def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
     """Load task data and model, build the prompts and ablation hooks; every input error

@@ -10,11 +10,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import metrics as M
 from .config import RunConfig
 from .errors import check_int
+from .inputs import prepare
 from .models import LoadedModel, load_model
-from .runner import run
-from .store import atomic_write_bytes, atomic_write_json, check_writable
+from .recording import Recording
+from .runner import run, stage_keys
+from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable
+
+
+def ceilings(zs: Recording, by_order: list[dict[str, Recording]], seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """The ceiling of every similarity metric: a method against itself in another order of
+    the same demonstrations (ICL_p vs ICL_q, GD_p vs GD_q, ...), each update taken against
+    ZS as usual (metrics.compare with X_p in ICL's place and X_q in the finetuned one's).
+    Per method and metric: mean, std, min and max over the order pairs p < q."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    methods = [m for m in by_order[0] if all(m in recs for recs in by_order)]
+    pairs = [(a, b) for a in range(len(by_order)) for b in range(a + 1, len(by_order))]
+    for m in methods:
+        per_pair = [{name: M.summarize(v)["mean"] for name, v in M.compare(zs, by_order[a][m], by_order[b][m], seed).items()}
+                    for a, b in pairs]
+        out[m] = {name: _spread([p[name] for p in per_pair]) for name in per_pair[0]}
+    return out
+
+
+def _spread(values: list[float | None]) -> dict[str, float]:
+    v = np.array([np.nan if x is None else x for x in values], dtype=float)
+    return {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else float("nan"),
+            "min": float(np.nanmin(v)), "max": float(np.nanmax(v)), "n_pairs": len(v)}
 
 
 def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: LoadedModel | None = None) -> dict[str, Any]:
@@ -35,7 +59,7 @@ def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: Loaded
         row: dict[str, Any] = {"order": p, "demo_rows": r["config"]["demo_rows"]}
         row.update({f"acc_{s}": r["accuracy"][s] for s in settings})
         for m, metrics in r["metrics"].items():
-            row.update({f"{m}_{name}": v["mean"] for name, v in metrics.items()})
+            row.update({f"{m}_{name}": v["mean"] for name, v in metrics.items() if "mean" in v})  # not the F2T entry
         if "alpha" in r:
             row["alpha"] = r["alpha"]["mean"]
         table.append(row)
@@ -50,8 +74,18 @@ def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: Loaded
         pairs = [(a, b) for a in range(n_orders) for b in range(a + 1, n_orders)]
         flips = np.mean([(frame[a] != frame[b]).mean() for a, b in pairs])
         stability[s] = {"same_prediction_in_every_order": float(same), "mean_pairwise_disagreement": float(flips)}
+    # the recordings of every order, from the stages the runs just saved
+    store = StageStore(out / "stages")
+    by_order, zs = [], None
+    for p in range(n_orders):
+        inp = prepare(dataclasses.replace(config, order=p), loaded)
+        keys = stage_keys(inp)
+        recs = {s: store.load(s, keys[s])["recording"] for s in ["zs", *config.methods]}
+        zs_p = recs.pop("zs")
+        zs = zs_p if zs is None else zs  # the same in every order: the test prompts alone
+        by_order.append(recs)
     summary = {"config": {**dataclasses.asdict(config), "methods": list(config.methods), "orders": n_orders},
-               "spread": spread, "prediction_stability": stability}
+               "spread": spread, "prediction_stability": stability, "ceiling": ceilings(zs, by_order, config.seed)}
     atomic_write_json(out / "orders.json", summary)
     atomic_write_bytes(out / "orders.csv", df.to_csv(index=False).encode())
     return summary

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from . import rates
 from .findings import CLAIMS, Finding, unavailable
 from .lr_rule import best_lr, format_table
 from .store import atomic_write_bytes, atomic_write_text, read_toml
@@ -44,7 +45,10 @@ TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
 
 COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "ablate", "k", "n_test",
-           "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS]
+           "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS,
+           # output-level (Shen et al.) and F2T columns; absent (NaN) in cells from before they were recorded
+           "tok_zs", "tok_icl", "tok_ft", "out_top_k_overlap", "out_overlap_cosine", "out_kl", "out_js",
+           "zs_icl_kl", "f2t_n", "f2t_SimAOU", "f2t_SimAM_delta"]
 
 
 @dataclass
@@ -96,6 +100,15 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
                    "lr_source": (c.get("lr_source_by_method") or {}).get(method) or c.get("lr_source"),
                    "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
             row.update({name: (m.get(name) or {}).get("mean") for name in METRICS})  # older results lack some
+            out = r.get("outputs")
+            if out:
+                tok = out["token_accuracy"]
+                row.update({"tok_zs": tok.get("zs"), "tok_icl": tok.get("icl"), "tok_ft": tok.get(method),
+                            "zs_icl_kl": (out["pairs"].get("zs-icl") or {}).get("kl"),
+                            **{f"out_{k}": v for k, v in (out["pairs"].get(f"icl-{method}") or {}).items()}})
+            if "f2t" in m:
+                row.update({"f2t_n": m["f2t"]["n_examples"], "f2t_SimAOU": m["f2t"].get("SimAOU"),
+                            "f2t_SimAM_delta": m["f2t"].get("SimAM_delta")})
             if "SimAOU_random_matched" not in m:  # older results: their SimAOU_random was the matched variant
                 row["SimAOU_random_matched"], row["SimAOU_random"] = row["SimAOU_random"], None
             rows.append(row)
@@ -243,6 +256,17 @@ def table2(rows: pd.DataFrame, rule: str = "default") -> pd.DataFrame:
     keys.append(("alpha (LCGD vs GD)", gd_rows, "alpha"))
     keys += [("accuracy — ZS", gd_rows, "acc_zs"), ("accuracy — ICL", gd_rows, "acc_icl"),
              ("accuracy — GD", gd_rows, "acc_ft"), ("accuracy — LCGD", t[t["method"] == "lcgd"], "acc_ft")]
+    # Shen et al.'s output-level view and Dai et al.'s F2T subset (rows only where cells recorded them)
+    keys += [("top-1 token accuracy — ZS", gd_rows, "tok_zs"), ("top-1 token accuracy — ICL", gd_rows, "tok_icl")]
+    for m in ("gd", "lcgd"):
+        keys.append((f"top-1 token accuracy — {m.upper()}", t[t["method"] == m], "tok_ft"))
+    keys.append(("KL(ZS ‖ ICL) at the output", gd_rows, "zs_icl_kl"))
+    for name, col in (("top-K overlap", "out_top_k_overlap"), ("overlap cosine", "out_overlap_cosine"),
+                      ("KL(ICL ‖ FT)", "out_kl"), ("JS", "out_js"), ("F2T examples", "f2t_n"),
+                      ("F2T SimAOU", "f2t_SimAOU"), ("F2T SimAM_delta", "f2t_SimAM_delta")):
+        for m in ("gd", "lcgd"):
+            keys.append((f"{name} — ICL vs {m.upper()}" if not name.startswith("F2T") else f"{name} — {m.upper()}",
+                         t[t["method"] == m], col))
     return seed_table(t, keys)
 
 
@@ -299,7 +323,7 @@ def fig_alpha(rows: pd.DataFrame, path: Path) -> str | None:
     ax.set_title("Figure 2: alignment of GD and LCGD updates (alpha)")
     ax.set_xlabel("task")
     ax.set_ylabel("alpha = cos(m_LCGD - m_ZS, m_GD - m_ZS)")
-    return _save(fig, path, f"alpha per task, mean over layers, heads and test examples; bars: mean over seeds, "
+    return _save(fig, path, "Each method at its own chosen learning rate, summed loss. " f"alpha per task, mean over layers, heads and test examples; bars: mean over seeds, "
                             f"error bars: std over seeds ({t['model'].iloc[0]}, trained).")
 
 
@@ -338,7 +362,7 @@ def fig_per_layer(coll: Collected, path: Path) -> str | None:
         ax.legend()
     fig.suptitle("Figure 3: per-layer similarity of ICL to GD and LCGD")
     n_tasks = len({c["config"]["task"] for c in cells})
-    return _save(fig, path, f"Mean over {len(cells)} cells ({n_tasks} tasks x seeds) of the per-layer mean over test "
+    return _save(fig, path, "Each method at its own chosen learning rate, summed loss. " f"Mean over {len(cells)} cells ({n_tasks} tasks x seeds) of the per-layer mean over test "
                             "examples; error bars: std over tasks and seeds.")
 
 
@@ -362,7 +386,7 @@ def fig_grad_norms(coll: Collected, path: Path) -> str | None:
         ax.set_ylabel("layer")
     ratio = np.mean([np.mean(np.array(c["grad_norms"]["lcgd"]) / np.array(c["grad_norms"]["gd"])) for c in cells])
     fig.suptitle("Figure 4: gradient norms, layer x demonstration")
-    return _save(fig, path, f"Geometric mean over {len(cells)} cells. LCGD/GD norm ratio, mean over layers, steps "
+    return _save(fig, path, "Each method at its own chosen learning rate, summed loss. " f"Geometric mean over {len(cells)} cells. LCGD/GD norm ratio, mean over layers, steps "
                             f"and cells: {ratio:.1f}x.")
 
 
@@ -387,7 +411,7 @@ def fig_lr(rows: pd.DataFrame, path: Path) -> str | None:
         ax.set_title(label)
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle("Learning-rate sweep: similarity and accuracy against the SGD learning rate")
-    return _save(fig, path, "Solid: GD, dashed: LCGD; mean over seeds. Held-out accuracy: the finetuned model on "
+    return _save(fig, path, "The learning-rate sweep (summed loss): GD and LCGD at the same rate at each point. Solid: GD, dashed: LCGD; mean over seeds. Held-out accuracy: the finetuned model on "
                             "training examples held out from the demonstrations (the lr-selection rule).")
 
 
@@ -439,7 +463,7 @@ def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
     axes[1].legend()
     kinds = ", ".join(sorted(set(ab["ablate"].str.replace(r"\d+", "L", regex=True))))
     fig.suptitle(f"Single-layer ablation sweep ({kinds})")
-    return _save(fig, path, "Each point: one layer ablated in every setting (ZS, ICL, GD, LCGD, training included); "
+    return _save(fig, path, "At the chosen learning rates, summed loss. Each point: one layer ablated in every setting (ZS, ICL, GD, LCGD, training included); "
                             "dotted: the same cells without ablation. Mean over tasks and seeds.")
 
 
@@ -612,7 +636,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
             continue
         atomic_write_text(out / f"{name}.md", _markdown(table) + "\n")
         atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
-        lines += [_markdown(table), "", "Cells: mean ± std over seeds (metrics: mean over layers).", ""]
+        regime = {"table1": "GD at its chosen learning rate", "table2": "each method at its own chosen learning rate",
+                  "table2_shared": "both methods at GD's chosen learning rate"}[name]
+        lines += [_markdown(table), "", f"Cells: mean ± std over seeds (metrics: mean over layers). Learning rates: "
+                  f"{regime} (learning_rates.toml, or --lr auto in the cell); loss summed over the demonstration's "
+                  "tokens; rows of output metrics and F2T only where the cells recorded them.", ""]
 
     ablations = ablation_table(coll.rows) if not coll.rows.empty else pd.DataFrame()
     if not ablations.empty:
@@ -640,6 +668,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
         caption = make(out / fname) if not coll.rows.empty else None
         if caption:
             lines += [f"![{fname}]({fname})", "", f"*{caption}*", ""]
+    rate_lines = rates.section(coll.cells, out)
+    if rate_lines:
+        lines += ["## Finding 3 by learning rate and update size", "", rates.__doc__.split("\n\n")[1].strip(), ""] + rate_lines
     lines += ["## Findings (docs/protocol.md) against these results", ""] + [f.markdown() for f in findings(coll)] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out

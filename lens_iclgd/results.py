@@ -32,6 +32,7 @@ from .store import atomic_write_bytes, atomic_write_json
 def _setting_names(stages: dict[str, Any]) -> list[str]:
     return ["zs"] + [m for m in SETTINGS if m in stages]
 
+
 def output_pairs(settings: list[str]) -> list[tuple[str, str]]:
     """The compared pairs of next-token distributions: ZS-ICL (the baseline), ICL against
     each finetuned method, each method against ZS (its KL is an update size), GD-LCGD."""
@@ -39,6 +40,7 @@ def output_pairs(settings: list[str]) -> list[tuple[str, str]]:
     pairs = [("zs", "icl")] if "icl" in settings else []
     pairs += [("icl", m) for m in ft if "icl" in settings] + [("zs", m) for m in ft]
     return pairs + ([("gd", "lcgd")] if {"gd", "lcgd"} <= set(settings) else [])
+
 
 def compare_outputs(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """outputs.output_metrics for every recorded setting, per example; None for stages
@@ -52,8 +54,10 @@ def compare_outputs(inp: Inputs, stages: dict[str, dict[str, Any]]) -> dict[str,
     return output_metrics(model.unembed.W_U, model.unembed.b_U, {s: r.final_resid for s, r in recs.items()}, gold,
                           output_pairs(names), inp.config.top_k, model.cfg.output_logits_soft_cap)
 
+
 def _nan_none(x: float) -> float | None:
     return None if math.isnan(x) else x
+
 
 def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     c, p, lm = inp.config, inp.prompts, inp.loaded
@@ -121,6 +125,7 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], outputs: di
         results["alpha"] = M.summarize(M.alpha(stages["lcgd"]["recording"].attn_scores, stages["gd"]["recording"].attn_scores, zs.attn_scores))
     return results
 
+
 def environment() -> dict[str, str]:
     import transformer_lens
     import transformers
@@ -131,6 +136,7 @@ def environment() -> dict[str, str]:
         "transformers": transformers.__version__, "pandas": pd.__version__,
         "threads": str(torch.get_num_threads()), "machine": platform.machine(),
     }
+
 
 def _dist_version(name: str) -> str:
     from importlib.metadata import version
@@ -166,6 +172,7 @@ def examples_table(inp: Inputs, stages: dict[str, dict[str, Any]], outputs: dict
                 df[f"{pair}_{name}"] = v.numpy()
     return df
 
+
 def per_layer_table(inp: Inputs, stages: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Long format: one row per (method, example, layer) with every metric."""
     if "icl" not in stages:
@@ -181,6 +188,7 @@ def per_layer_table(inp: Inputs, stages: dict[str, dict[str, Any]]) -> pd.DataFr
             frame[name] = (v if v.dim() == 2 else v.nanmean(-1)).reshape(-1).numpy()
         frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
 
 def write_results(out: Path, results: dict, examples: pd.DataFrame, per_layer: pd.DataFrame) -> None:
     """Tables first, results.json last: its presence marks a finished run."""

@@ -73,6 +73,7 @@ def auto_learning_rates(inp: Inputs, store: StageStore | None, lrs: tuple[float,
     inp.lr_auto = info
     return swept
 
+
 def stage_keys(inp: Inputs, lrs: dict[str, float] | None = None) -> dict[str, str]:
     """The identity of each stage: exactly what its numbers depend on. `lrs` overrides
     the rate of some finetuning methods (the --lr auto sweep)."""
@@ -105,6 +106,7 @@ def stage_keys(inp: Inputs, lrs: dict[str, float] | None = None) -> dict[str, st
         keys[m] = config_key(ft)
     return keys
 
+
 def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str, Any]:
     """Run one stage; returns {"recording", "heldout"?, "log"?, "seconds"}."""
     c, p, lm = inp.config, inp.prompts, inp.loaded
@@ -132,6 +134,7 @@ def compute_stage(inp: Inputs, stage: str, lr: float | None = None) -> dict[str,
     out["seconds"] = time.perf_counter() - t0
     return out
 
+
 def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = None,
         stages_dir: str | Path | None = None, auto_lrs: tuple[float, ...] = AUTO_LRS,
         trained: LoadedModel | None = None, trained_results: str | Path | None = None) -> dict[str, Any]:
@@ -148,6 +151,7 @@ def run(config: RunConfig, out: str | Path | None, loaded: LoadedModel | None = 
         check_writable(Path(out))
         return _run(config, Path(out), loaded, stages_dir or Path(out) / "stages", auto_lrs, trained,
                     trained_results)
+
 
 def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[float, ...] = AUTO_LRS,
                            loaded: LoadedModel | None = None, trained_results: Path | None = None) -> None:
@@ -169,6 +173,7 @@ def rates_of_trained_model(inp: Inputs, store: StageStore | None, lrs: tuple[flo
                       for m, v in info.items()})
     inp.lr_auto = {m: {**v, "chosen_on": "trained"} for m, v in info.items()}
 
+
 def recorded_lr_auto(path: Path, inp: Inputs, lrs: tuple[float, ...]) -> dict[str, dict] | None:
     """The `--lr auto` choice a finished trained cell recorded, if it is this cell's twin
     (same model, task, demonstrations, held-out count, precision, methods and rates); else None."""
@@ -181,6 +186,7 @@ def recorded_lr_auto(path: Path, inp: Inputs, lrs: tuple[float, ...]) -> dict[st
             and c["precision_policy"] == policy(inp.config.precision).as_dict()
             and all(m in auto and list(auto[m]["curve"]) == [f"{lr:g}" for lr in lrs] for m in inp.config.ft_methods))
     return {m: {"chosen": auto[m]["chosen"], "curve": auto[m]["curve"]} for m in inp.config.ft_methods} if twin else None
+
 
 def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages_dir,
          auto_lrs: tuple[float, ...] = AUTO_LRS, trained: LoadedModel | None = None,

@@ -9,8 +9,10 @@ def _lr_text(c: dict) -> str:
         return ", ".join(f"{m.upper()} {lr:g}" for m, lr in lrs.items()) + f" ({c['lr_rule']})"
     return format(c["lr"], "g") if isinstance(c["lr"], (int, float)) else "-"
 
-def summary_table(results: dict) -> str:
-    """A human-readable summary for stdout."""
+
+def summary_table(results: dict, subset: str = "all") -> str:
+    """A human-readable summary for stdout; `subset` "f2t": the similarity metrics on Dai et
+    al.'s F2T examples (ZS wrong, ICL and the method right) instead of all test examples."""
     c = results["config"]
     lines = [
         f"task {c['task']} | model {c['model']} ({c['baseline']}) | k {c['k_effective']} (asked {c['k_requested']}) "
@@ -19,10 +21,16 @@ def summary_table(results: dict) -> str:
     ]
     names = ["SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
              "SimAM_delta", "Rec2FTP"]
+    if results["metrics"] and subset == "f2t":
+        f2t = {m: e.get("f2t") or {} for m, e in results["metrics"].items()}
+        lines.append(f"{'F2T subset: examples':<28}" + "".join(f"{f2t[m].get('n_examples', 'n/a'):>10}" for m in f2t))
+        names = [n for n in names if n != "Rec2FTP"]  # a prediction-level share, not a subset mean
     if results["metrics"]:
-        lines.append(f"{'metric (mean over layers)':<28}" + "".join(f"{m.upper():>10}" for m in results["metrics"]))
+        title = "metric (mean over layers)" if subset == "all" else "metric (F2T, mean over layers)"
+        lines.append(f"{title:<28}" + "".join(f"{m.upper():>10}" for m in results["metrics"]))
         for name in names:
-            vals = [results["metrics"][m][name]["mean"] for m in results["metrics"]]
+            vals = [(results["metrics"][m].get("f2t") or {}).get(name) if subset == "f2t" else results["metrics"][m][name]["mean"]
+                    for m in results["metrics"]]
             lines.append(f"{name:<28}" + "".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in vals))
     if "zs_simam" in results:
         z = results["zs_simam"]["mean"]
@@ -45,6 +53,7 @@ def summary_table(results: dict) -> str:
     lines.append(f"wall time {results['timings_s']['total']:.0f} s, peak memory {results['timings_s']['peak_rss_mb']} MB")
     return "\n".join(lines)
 
+
 def orders_table(summary: dict) -> str:
     lines = [f"{'setting':<8}{'acc mean':>10}{'acc std':>9}{'acc min':>9}{'acc max':>9}{'same pred':>11}{'flip rate':>11}"]
     for s, st in summary["prediction_stability"].items():
@@ -56,4 +65,8 @@ def orders_table(summary: dict) -> str:
             if f"{m}_{name}" in summary["spread"]:
                 v = summary["spread"][f"{m}_{name}"]
                 lines.append(f"{m.upper()} {name}: mean {v['mean']:.3f} std {v['std']:.3f} (min {v['min']:.3f}, max {v['max']:.3f})")
+    for m, metrics in summary.get("ceiling", {}).items():  # a method against itself in another order
+        v = metrics["SimAM_delta"]
+        lines.append(f"ceiling {m.upper()} vs {m.upper()} (another order) SimAM_delta: mean {v['mean']:.3f} "
+                     f"(min {v['min']:.3f}, max {v['max']:.3f}); SimAOU {metrics['SimAOU']['mean']:.3f}")
     return "\n".join(lines)
