@@ -57,8 +57,8 @@ def cmd_run(args) -> None:
 
     cfg = from_args(args).validate()
     out = Path(args.out) if args.out else _default_out(cfg)
-    if args.orders is not None:
-        print(orders_table(run_orders(cfg, args.orders, out)))
+    if cfg.orders > 1:
+        print(orders_table(run_orders(cfg, out)))
         print(f"results: {out / 'orders.json'}")
         return
     results = run(cfg, out)
@@ -152,8 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default runs/<task>_<model>_...)")
     p.add_argument("--summary", default="all", choices=("all", "f2t"),
                    help="the printed metrics over all test examples, or over Dai et al.'s F2T subset (results.json has both)")
-    p.add_argument("--orders", type=_int, default=None, metavar="P",
-                   help="order sensitivity: run the same demonstrations in P orders and report the spread")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("views", help="per-head SimAM heatmaps and per-layer SimAOU bars of a finished run")

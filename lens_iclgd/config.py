@@ -78,6 +78,8 @@ class RunConfig:
                                   "tokens (the committed cells) or their mean (the paper's code); rates differ by about "
                                   "the token count", choices=LOSS_REDUCTIONS)
     top_k: int = setting(DEFAULT_TOP_K, "K of the output metrics' top-K token overlap (outputs.py)", "int")
+    orders: int = setting(1, "order sensitivity (orders.py): P >= 2 runs the same demonstrations in P orders and "
+                          "reports the spread, the prediction stability and each metric's ceiling (default 1: one order)", "int")
 
     def validate(self) -> "RunConfig":
         """Check types and ranges before any compute; return a normalised copy."""
@@ -95,7 +97,7 @@ class RunConfig:
         check_int("seed", self.seed, -(2**63))
         for f in fields():
             if f.metadata["kind"] == "int" and f.name != "seed":
-                check_int(f.name, getattr(self, f.name), 1 if f.name in ("k", "n_test", "batch_size", "top_k") else 0)
+                check_int(f.name, getattr(self, f.name), 1 if f.name in ("k", "n_test", "batch_size", "top_k", "orders") else 0)
         try:
             lr = parse_lr(self.lr)  # the words of lr_rule.LR_WORDS, or a number
         except ValueError:

@@ -192,7 +192,7 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     settings.pop("device")  # where a cell runs, not what it computes
     if settings.pop("precision") != FLOAT32:  # hashed by what it means, so redefining a preset reruns
         settings["precision_policy"] = policy(c.precision).as_dict()
-    for name, neutral in (("step_unit", "demo"), ("balanced", False), ("loss_reduction", "sum"), ("top_k", 10)):  # hashed only when set: old ids stay valid
+    for name, neutral in (("step_unit", "demo"), ("balanced", False), ("loss_reduction", "sum"), ("top_k", 10), ("orders", 1)):  # hashed only when set: old ids stay valid
         if settings[name] == neutral:
             settings.pop(name)
     if c.lr in (None, "shared") and c.ft_methods:  # the id follows learning_rates.toml, so an edit there reruns
@@ -206,6 +206,8 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     readable = f"{Path(c.model).name}__{c.baseline}__{Path(c.task).stem}__seed{c.seed}__lr{lr}"
     if c.step_unit != "demo":
         readable += f"__step-{c.step_unit}"
+    if c.orders > 1:
+        readable += f"__orders{c.orders}"
     if c.balanced:
         readable += "__balanced"
     if c.loss_reduction != "sum":
@@ -248,7 +250,7 @@ def adopt_legacy_cell(results_dir: Path, c: RunConfig) -> bool:
 
 def cell_status(results_dir: Path, c: RunConfig) -> str:
     folder = results_dir / "cells" / cell_id(c)
-    if (folder / "results.json").exists():
+    if (folder / ("orders.json" if c.orders > 1 else "results.json")).exists():
         return "done"
     if (folder / "failed.json").exists():
         return "failed"
@@ -325,8 +327,13 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
         t0 = time.perf_counter()
         try:
             twin = results_dir / "cells" / cell_id(dataclasses.replace(c, baseline="trained")) / "results.json"
-            run(c, folder, loaded=models[key], stages_dir=stages_dir, trained=models[(c.model, "trained", None)],
-                trained_results=twin if c.baseline != "trained" else None)
+            if c.orders > 1:  # an order-sensitivity cell: one run per order in folder/order<p>, then orders.json
+                from .orders import run_orders
+
+                run_orders(c, folder, models[key], stages_dir)
+            else:
+                run(c, folder, loaded=models[key], stages_dir=stages_dir, trained=models[(c.model, "trained", None)],
+                    trained_results=twin if c.baseline != "trained" else None)
             (folder / "failed.json").unlink(missing_ok=True)
             outcome = "done"
         except TrainingDiverged as e:

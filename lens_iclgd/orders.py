@@ -41,17 +41,22 @@ def _spread(values: list[float | None]) -> dict[str, float]:
             "min": float(np.nanmin(v)), "max": float(np.nanmax(v)), "n_pairs": len(v)}
 
 
-def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Order sensitivity (Shen et al.): the same demonstrations in `n_orders` orders
+def run_orders(config: RunConfig, out: str | Path, loaded: LoadedModel | None = None,
+               stages_dir: str | Path | None = None) -> dict[str, Any]:
+    """Order sensitivity (Shen et al.): the same demonstrations in `config.orders` orders
     (order 0 is the seed's). Sequential GD, like ICL, depends on the order; full-batch GD
-    would not. Each order is a full run in out/order<p>; the spread across orders goes to
-    out/orders.json and out/orders.csv."""
+    would not. Each order is a full run in out/order<p> (stages in `stages_dir`, default
+    out/stages; the ZS recording is shared by every order); the spread across orders, the
+    prediction stability and each metric's ceiling go to out/orders.json and out/orders.csv."""
+    n_orders = config.orders
     check_int("--orders", n_orders, 2)
     config = config.validate()
     out = check_writable(Path(out))
+    stages = Path(stages_dir) if stages_dir is not None else out / "stages"
     if loaded is None:
         loaded = load_model(config.model, config.baseline, config.seed, device=config.device)
-    per_order = [run(dataclasses.replace(config, order=p), out / f"order{p}", loaded, out / "stages") for p in range(n_orders)]
+    per_order = [run(dataclasses.replace(config, order=p, orders=1), out / f"order{p}", loaded, stages)
+                 for p in range(n_orders)]
     settings = ["zs"] + list(config.methods)
     preds = {s: pd.DataFrame({p: pd.read_csv(out / f"order{p}" / "examples.csv")[f"{s}_pred"] for p in range(n_orders)}) for s in settings}
     table = []
@@ -75,10 +80,10 @@ def run_orders(config: RunConfig, n_orders: int, out: str | Path, loaded: Loaded
         flips = np.mean([(frame[a] != frame[b]).mean() for a, b in pairs])
         stability[s] = {"same_prediction_in_every_order": float(same), "mean_pairwise_disagreement": float(flips)}
     # the recordings of every order, from the stages the runs just saved
-    store = StageStore(out / "stages")
+    store = StageStore(stages)
     by_order, zs = [], None
     for p in range(n_orders):
-        inp = prepare(dataclasses.replace(config, order=p), loaded)
+        inp = prepare(dataclasses.replace(config, order=p, orders=1), loaded)
         keys = stage_keys(inp)
         recs = {s: store.load(s, keys[s])["recording"] for s in ["zs", *config.methods]}
         zs_p = recs.pop("zs")

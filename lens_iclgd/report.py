@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from . import rates
+from . import rates, shen
 from .findings import CLAIMS, Finding, unavailable
 from .lr_rule import best_lr, format_table
 from .store import atomic_write_bytes, atomic_write_text, read_toml
@@ -119,6 +119,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
                 and (model is None or info["config"]["model"] == model):
             failed.append({**info, "_cell": f.parent.name})
     done = {Path(c["_path"]).name for c in cells} | {f["_cell"] for f in failed}
+    done |= {f.parent.name for f in results_dir.glob("cells/*/orders.json")}  # order-study cells (shen.py)
     return Collected(pd.DataFrame(rows, columns=COLUMNS), cells, len(expected), failed,
                      missing=len(expected.keys() - done), stale=n_files - len(cells))
 
@@ -671,6 +672,10 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
     rate_lines = rates.section(coll.cells, out)
     if rate_lines:
         lines += ["## Finding 3 by learning rate and update size", "", rates.__doc__.split("\n\n")[1].strip(), ""] + rate_lines
+    shen_lines = shen.section(results_dir, model)
+    if shen_lines:
+        lines += ["## Shen et al.: order sensitivity and output-level comparisons", "",
+                  "Rules: " + " ".join(line.strip() for line in shen.__doc__.split("\n\n")[1].splitlines()), ""] + shen_lines
     lines += ["## Findings (docs/protocol.md) against these results", ""] + [f.markdown() for f in findings(coll)] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out

@@ -1,0 +1,45 @@
+"""shen.py: Shen et al.'s claims decided from order-study cells, on hand-built cells whose
+verdicts are known (no model)."""
+
+import json
+
+from lens_iclgd import shen
+
+
+def _cell(root, name, task, disagree, js, tok, acc, ceiling_icl=0.5):
+    folder = root / "cells" / name
+    (folder / "order0").mkdir(parents=True)
+    stability = {s: {"mean_pairwise_disagreement": d, "same_prediction_in_every_order": 1 - d} for s, d in disagree.items()}
+    spread = {f"acc_{s}": {"mean": a, "std": 0.01, "min": a, "max": a} for s, a in acc.items()}
+    spread |= {f"{m}_{n}": {"mean": 0.1, "std": 0.02, "min": 0.0, "max": 0.2} for m in ("gd", "lcgd") for n in ("SimAOU", "SimAM_delta")}
+    ceiling = {m: {n: {"mean": ceiling_icl if m == "icl" else 0.9, "std": 0.0, "min": 0.0, "max": 1.0, "n_pairs": 1}
+                   for n in ("SimAOU", "SimAM_delta")} for m in ("icl", "gd", "lcgd")}
+    (folder / "orders.json").write_text(json.dumps({
+        "config": {"model": "m", "task": task, "seed": 0, "orders": 3}, "spread": spread,
+        "prediction_stability": stability, "ceiling": ceiling}))
+    metrics = {m: {n: {"mean": 0.1 if m == "gd" else 0.2} for n in ("SimAOU", "SimAM_delta")} for m in ("gd", "lcgd")}
+    (folder / "order0" / "results.json").write_text(json.dumps({
+        "metrics": metrics, "outputs": {"pairs": {"zs-icl": {"js": js[0]}, "icl-gd": {"js": js[1]}}, "token_accuracy": tok}}))
+
+
+def test_claims_follow_their_rules(tmp_path):
+    # ICL flips predictions more than GD and LCGD on both tasks; ICL's output closer to ZS's
+    _cell(tmp_path, "a", "sst2", {"zs": 0.0, "icl": 0.3, "gd": 0.1, "lcgd": 0.2}, (0.01, 0.05),
+          {"zs": 0.1, "icl": 0.6, "gd": 0.2, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.8, "gd": 0.75, "lcgd": 0.7})
+    _cell(tmp_path, "b", "mr", {"zs": 0.0, "icl": 0.4, "gd": 0.1, "lcgd": 0.1}, (0.02, 0.06),
+          {"zs": 0.1, "icl": 0.5, "gd": 0.3, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.7, "gd": 0.7, "lcgd": 0.6})
+    verdicts = {c["name"][:2]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
+    assert verdicts == {"S1": "agrees", "S2": "agrees", "S3": "agrees"}
+    text = "\n".join(shen.section(tmp_path, "m"))
+    assert "| SimAOU | 0.100 | 0.200 | 0.500 | 0.900 | 0.900 |" in text and "2 order-study cells" in text
+
+
+def test_claims_can_be_rejected(tmp_path):
+    # GD as order-sensitive as ICL on one of two tasks (no majority); ICL's output closer to GD's
+    _cell(tmp_path, "a", "sst2", {"zs": 0.0, "icl": 0.3, "gd": 0.1, "lcgd": 0.1}, (0.05, 0.01),
+          {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7})
+    _cell(tmp_path, "b", "mr", {"zs": 0.0, "icl": 0.1, "gd": 0.3, "lcgd": 0.0}, (0.05, 0.01),
+          {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7})
+    verdicts = {c["name"][:2]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
+    assert verdicts == {"S1": "does not agree", "S2": "does not agree", "S3": "does not agree"}
+    assert shen.section(tmp_path, "another model") == []
