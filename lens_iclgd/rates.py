@@ -29,6 +29,12 @@ import pandas as pd
 from .lr_rule import best_lr
 
 REGIMES = {"a": "shared rate (GD's chosen)", "b": "each method's own chosen rate", "c": "matched update size"}
+INTRO = ("Sweep cells: GD and LCGD at one shared, explicit rate per cell. Finding 3 (LCGD's SimAM_delta above GD's on "
+         "more than half of the tasks) is decided (a) with both methods at GD's accuracy-chosen rate, (b) with each "
+         "method at its own, (c) with LCGD read off its sweep at the update size GD has at GD's chosen rate (linear in "
+         "log size; update size: mean |h_FT - h_ZS| / |h_ZS| at hook_attn_out), and at every rate; \"depends on the "
+         "rate\" where these disagree. Rates are chosen on held-out training examples (mean over seeds); a chosen rate "
+         "on the sweep's edge is flagged. Summed- and mean-loss sweeps are never pooled (docs/learning-rates.md).")
 
 
 def sweep_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
@@ -57,14 +63,14 @@ def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
     and whether it is the sweep's lowest or highest rate."""
     out = []
     for (task, method), sub in sweep.groupby(["task", "method"]):
-        curve = sub.groupby("lr")["heldout"].mean()
-        if curve.isna().all():
+        if sub["heldout"].isna().all():
             continue
+        curve = sub.groupby("lr")["heldout"].mean()
         lr = best_lr({float(k): (None if pd.isna(v) else float(v)) for k, v in curve.items()})
         rates = sorted(sub["lr"].unique())
         out.append({"task": task, "method": method, "lr": lr, "edge": lr in (rates[0], rates[-1]) and len(rates) > 1,
                     "n_rates": len(rates)})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=["task", "method", "lr", "edge", "n_rates"])
 
 
 def _at(sweep: pd.DataFrame, task: str, method: str, lr: float, col: str) -> float:
@@ -84,9 +90,9 @@ def _matched(sweep: pd.DataFrame, task: str, size: float) -> float:
 
 def regimes(sweep: pd.DataFrame) -> dict[str, Any]:
     """Finding 3 in the three regimes on one (model, loss, k) sweep, and per rate."""
-    picks = chosen(sweep)
+    picks = chosen(sweep)  # empty where no cell scored held-out examples: no rate can be chosen
     per_task = []
-    for task in sorted(sweep["task"].unique()):
+    for task in sorted(sweep["task"].unique()) if not picks.empty else []:
         p = picks[picks["task"] == task].set_index("method")
         if not {"gd", "lcgd"} <= set(p.index):
             continue
@@ -122,11 +128,11 @@ def regimes(sweep: pd.DataFrame) -> dict[str, Any]:
 
 
 def sweeps(cells: list[dict[str, Any]]) -> dict[tuple[str, str, int], pd.DataFrame]:
-    """(model, loss reduction, k) -> its sweep frame, for every sweep among `cells`."""
+    """(model, loss reduction, k) -> its sweep frame, for every sweep (two rates or more) among `cells`."""
     frame = sweep_frame(cells)
     if frame.empty:
         return {}
-    return {key: sub for key, sub in frame.groupby(["model", "loss", "k"])}
+    return {key: sub for key, sub in frame.groupby(["model", "loss", "k"]) if sub["lr"].nunique() > 1}
 
 
 def slug(model: str, loss: str, k: int) -> str:

@@ -671,7 +671,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
             lines += [f"![{fname}]({fname})", "", f"*{caption}*", ""]
     rate_lines = rates.section(coll.cells, out)
     if rate_lines:
-        lines += ["## Finding 3 by learning rate and update size", "", rates.__doc__.split("\n\n")[1].strip(), ""] + rate_lines
+        lines += ["## Finding 3 by learning rate and update size", "", rates.INTRO, ""] + rate_lines
     shen_lines = shen.section(results_dir, model)
     if shen_lines:
         lines += ["## Shen et al.: order sensitivity and output-level comparisons", "",

@@ -1,4 +1,16 @@
-"""Shared fixtures: tiny HookedTransformers with a word-level tokenizer over real data."""
+"""Shared fixtures: tiny HookedTransformers with a word-level tokenizer over real data.
+
+Data. Two directories in the hub schema (`<task>/<split>.jsonl`, the six paper tasks):
+- TEST_DATA = tests/data, the fixture: real rows of every split of every task, taken
+  deterministically from ../shared/data by tests/data/make_fixture.py (about 210 KB; see
+  tests/data/README.md). Every test that needs a few rows runs on it, whether or not the
+  real data is present: the same rows on every machine, so a result in a clean clone is the
+  result here, and the tokenizer below has one vocabulary everywhere.
+- SHARED_DATA = ../shared/data (or $LENS_ICLGD_TEST_DATA), the full splits. Only tests that
+  need the real data itself (full-split sizes, the fixture's provenance, an end-to-end
+  claim on 100 examples) read it; they carry `needs_shared_data(why)` and skip with that
+  reason where it is absent.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +28,31 @@ from transformers import PreTrainedTokenizerFast
 from lens_iclgd.models import LoadedModel, has_kv_bias
 
 ROOT = Path(__file__).resolve().parents[1]
-# ../shared/data beside the repository; LENS_ICLGD_TEST_DATA points elsewhere (e.g. from a git worktree)
+# The fixture (see the module docstring): what tests pass as --data-dir / data_dir
+TEST_DATA = Path(__file__).resolve().parent / "data"
+# The real data: ../shared/data beside the repository; LENS_ICLGD_TEST_DATA points elsewhere
+# (e.g. from a git worktree). Read only by tests marked needs_shared_data.
 SHARED_DATA = Path(os.environ.get("LENS_ICLGD_TEST_DATA", ROOT.parent / "shared" / "data"))
+DATA_FILES = tuple(sorted(str(f.relative_to(TEST_DATA)) for f in TEST_DATA.glob("*/*.jsonl")))  # sst2/train.jsonl, ...
+
+
+def _shared_data_missing() -> str | None:
+    if not SHARED_DATA.is_dir():
+        return f"{SHARED_DATA} does not exist"
+    missing = [f for f in DATA_FILES if not (SHARED_DATA / f).is_file()]
+    return f"{SHARED_DATA} lacks {', '.join(missing)}" if missing else None
+
+
+SHARED_DATA_MISSING = _shared_data_missing()
+
+
+def needs_shared_data(why: str):
+    """Skips a test that needs the real data, naming what it needs it for and what is missing."""
+    return pytest.mark.skipif(
+        SHARED_DATA_MISSING is not None,
+        reason=f"needs ../shared/data (the six tasks' full splits): {why}; {SHARED_DATA_MISSING} "
+               f"(set LENS_ICLGD_TEST_DATA to a copy)")
+
 
 # Unit tests run on 1 thread: deterministic and fast for tiny matrices.
 torch.set_num_threads(1)
@@ -68,11 +103,20 @@ def tiny_model(tokenizer, gqa: bool = True, n_layers: int = 3, seed: int = 0, n_
     return LoadedModel(model, "tiny", "test", None, kv_bias=has_kv_bias(model))
 
 
+def assert_same_weights(model, reference) -> None:
+    """The same parameter and buffer names, in order, with equal values."""
+    assert model is not None, "no model"
+    got, want = model.state_dict(), reference.state_dict()
+    assert list(got) == list(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
 @pytest.fixture(scope="session")
 def sst2_rows() -> dict[str, list[dict]]:
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data is not present")
-    return {s: read_jsonl(SHARED_DATA / "sst2" / f"{s}.jsonl", 300) for s in ("train", "validation")}
+    """The first 300 rows of sst2 train and validation: all of the fixture's, which are the
+    real files' first 300 (the tokenizer's vocabulary is built from them)."""
+    return {s: read_jsonl(TEST_DATA / "sst2" / f"{s}.jsonl", 300) for s in ("train", "validation")}
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +177,17 @@ def tiny_hf_dir(tmp_path_factory, tokenizer) -> Path:
     the real CLI can run end to end in seconds (and the local-directory loader is used)."""
     folder = tmp_path_factory.mktemp("tiny_hf_model")  # no "llama" in the path: TL would branch on the name
     return save_tiny_llama(folder, tokenizer, n_layers=2, seed=0)
+
+
+def grid_file(path: Path, models: list, data_dir: Path, **over) -> Path:
+    """A grid config file at `path` (the defaults: one task, two seeds, GD and LCGD at the
+    default rates, k 3, n-test 6), `over` replacing or adding keys."""
+    settings = {"name": "tiny", "models": [str(m) for m in models], "tasks": ["sst2"], "seeds": [0, 1],
+                "methods": ["gd", "lcgd"], "lrs": ["default"], "k": 3, "n_test": 6, "data_dir": str(data_dir)}
+    settings.update(over)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
+    return path
 
 
 def save_tiny_llama(folder: Path, tokenizer, n_layers: int, seed: int) -> Path:

@@ -5,15 +5,16 @@ import json
 import math
 
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED_DATA, run_cli
+from conftest import TEST_DATA, run_cli
 from lens_iclgd import metrics as M
 from lens_iclgd.prompts import build_prompts
 from lens_iclgd.recording import Recording, record
 from lens_iclgd.report import collect, table2
-from lens_iclgd.runner import compare
+from lens_iclgd.metrics import compare
 from lens_iclgd.tasks import load_task
 
 RANDOM = ("SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched")
@@ -57,23 +58,27 @@ def test_random_vectors_do_not_depend_on_the_method():
 
 def test_run_outputs_carry_the_baselines(tmp_path, tiny_hf_dir):
     out = tmp_path / "run"
-    proc = run_cli(["run", "--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(SHARED_DATA),
+    proc = run_cli(["run", "--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(TEST_DATA),
                     "--k", "3", "--n-test", "8", "--lr", "0.01", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     n_layers = len(r["metrics"]["gd"]["SimAOU"]["per_layer"])
+    examples = pd.read_csv(out / "examples.csv")
+    per_layer = pd.read_parquet(out / "per_layer.parquet")
     for method in ("gd", "lcgd"):
         for name in RANDOM:
             entry = r["metrics"][method][name]
-            assert len(entry["per_layer"]) == n_layers and isinstance(entry["mean"], float)
+            # results.json's summary is the per-example values of per_layer.parquet averaged
+            by_layer = per_layer[per_layer["method"] == method].groupby("layer")[name].mean()
+            assert len(entry["per_layer"]) == n_layers and by_layer.tolist() == pytest.approx(entry["per_layer"], abs=1e-6)
+            assert entry["mean"] == pytest.approx(sum(entry["per_layer"]) / n_layers, rel=1e-5)
+            assert examples[f"{method}_{name}"].mean() == pytest.approx(entry["mean"], abs=1e-6)
     assert set(r["zs_simam"]) == {"per_layer", "mean", "per_head"} and len(r["zs_simam"]["per_head"]) == n_layers
     # how far each setting moved hook_attn_out, per layer: ICL, GD, LCGD
     assert set(r["update_size"]) == {"icl", "gd", "lcgd"}
     for setting, entry in r["update_size"].items():
         assert len(entry["per_layer"]) == n_layers and all(v > 0 for v in entry["per_layer"]), setting
         assert math.isclose(entry["mean"], sum(entry["per_layer"]) / n_layers, rel_tol=1e-5)
-    examples = pd.read_csv(out / "examples.csv")
-    per_layer = pd.read_parquet(out / "per_layer.parquet")
     for name in RANDOM:
         assert f"gd_{name}" in examples and f"lcgd_{name}" in examples and name in per_layer
     for line in ("SimAOU_random_text", "SimAOU_random_matched", "ZS SimAM (ICL vs ZS)"):

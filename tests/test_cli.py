@@ -2,17 +2,14 @@
 with one line on stderr, a non-zero exit code, and no results left behind."""
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import SHARED_DATA, cli_in_process, run_cli
-from lens_iclgd.errors import UserError
+from conftest import TEST_DATA, cli_in_process, run_cli
 
-SST2 = ["--task", "sst2", "--data-dir", str(SHARED_DATA)]
+SST2 = ["--task", "sst2", "--data-dir", str(TEST_DATA)]
 
 
 def test_tiny_local_model_end_to_end(tiny_hf_dir, tmp_path):
@@ -143,17 +140,6 @@ def test_debug_shows_traceback():
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_bench_runs_both_pipelines_and_ends_with_the_speedup(tiny_hf_dir):
-    out = run_cli(["bench", "--model", str(tiny_hf_dir), "--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "5",
-                   "--lr", "0.01", "--profile", "--peak-seconds", "0.2"])
-    assert out.returncode == 0, out.stderr
-    assert "profile ICL: " in out.stdout and "profile LCGD train: " in out.stdout
-    lines = out.stdout.strip().splitlines()
-    assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
-    assert "predictions identical: zs 100%, icl 100%" in out.stdout
-    assert "matmul peak" in out.stdout and "peak memory" in out.stdout
-
-
 @pytest.mark.parametrize("args,usage", [(["--bogus"], "(see lens-iclgd --help)"), (["run", "--k", "four"], "(see lens-iclgd run --help)"),
                                         (["frobnicate"], "(see lens-iclgd --help)")])
 def test_usage_error_names_the_program_once(args, usage):
@@ -162,49 +148,6 @@ def test_usage_error_names_the_program_once(args, usage):
     line = proc.stderr.strip()
     assert line.startswith("lens-iclgd: error: ") and line.endswith(usage) and len(line.splitlines()) == 1
     assert "lens-iclgd lens-iclgd" not in line
-
-
-BENCH_TINY = ["--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "5", "--lr", "0.01", "--peak-seconds", "0.2"]
-
-
-def test_bench_precision_study_without_the_naive_pipeline(tiny_hf_dir):
-    """Where bfloat16 pays off (stated, so this runs on any CPU): every candidate runs."""
-    out = run_cli(["bench", "--model", str(tiny_hf_dir), *BENCH_TINY, "--no-naive", "--precision-study",
-                   "--precision", "bfloat16"], env_extra={"LENS_ICLGD_BF16_PROBE": "fast"})
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    head = [line for line in lines if not line.startswith("[lens-iclgd]")]  # after the log lines
-    assert head[0].startswith("machine: ") and torch.backends.cpu.get_cpu_capability() in head[0]
-    assert head[1].startswith("bfloat16 probe: LENS_ICLGD_BF16_PROBE=fast (not measured)")
-    assert lines[-1] == "speedup: not measured (--no-naive)"
-    assert lines[-2].startswith("precision: cell speedup ") and lines[-2].endswith("(bfloat16)")
-    assert "running the naive pipeline" not in out.stdout
-    for name in ("train-vocab-bf16", "train-bf16", "train-icl-bf16", "bfloat16"):
-        assert f"{name:<18}LCGD train" in out.stdout and f"{name:<18}predictions agree: zs" in out.stdout
-    assert re.search(r"matmul peak \(bfloat16 \d+\^3, measured now\)", out.stdout)
-    assert "update size |h_FT - h_ZS| / |h_ZS|" in out.stdout
-    assert "rule (fastest within fidelity of float32): " in out.stdout
-
-
-def test_bench_precision_study_skips_what_cannot_pay_off(tiny_hf_dir, monkeypatch, capsys):
-    """Where bfloat16 is slower than float32: the study says so, times no bfloat16 candidate
-    (nor a bfloat16 matmul peak), and the rule keeps float32; asking for a bfloat16
-    precision stops in one line (in process: the probe is replaced by a slow one)."""
-    from lens_iclgd import bench, precision
-    from lens_iclgd.hardware import Bf16Probe
-
-    slow = Bf16Probe("cpu", 1.0, 30.0, "test CPU, AVX2, 1 threads")
-    monkeypatch.setattr(bench, "bf16_probe", lambda device: slow)
-    monkeypatch.setattr(precision, "bf16_probe", lambda device: slow)
-    tiny = ["--model", str(tiny_hf_dir), *BENCH_TINY, "--no-naive"]
-    bench.main([*tiny, "--precision-study"])
-    text = capsys.readouterr().out
-    assert "bfloat16 probe (128x512 @ 512x512 on test CPU" in text and "30.0x slower" in text
-    assert "precision study: skipped train-vocab-bf16, train-bf16, train-icl-bf16, bfloat16" in text
-    assert "running the optimised pipeline in precision" not in text and "matmul peak (bfloat16" not in text
-    assert "rule (fastest within fidelity of float32): float32 (1.00x); no candidate measured" in text
-    with pytest.raises(UserError, match="--precision mixed would run slower than float32 here"):
-        bench.main([*tiny, "--precision", "mixed"])
 
 
 def test_editable_install_is_quiet_and_ships_the_data_folders(tmp_path):

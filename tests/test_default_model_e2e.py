@@ -5,13 +5,17 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, needs_shared_data, run_cli
+from lens_iclgd.lr_rule import default_lr
 from lens_iclgd.models import DEFAULT_MODEL
-from lens_iclgd.runner import RunConfig, run
+from lens_iclgd.config import RunConfig
+from lens_iclgd.runner import run
+from lens_iclgd.tasks import load_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("qwen")]  # one worker loads the model
 
 
+@needs_shared_data("ICL above zero-shot on 100 examples of the full sst2 and subj evaluation splits")
 @pytest.mark.parametrize("task", ["sst2", "subj"])
 def test_default_model_learns_in_context(task):
     """The premise of the study on the default model (issue: ZS vs ICL, k 16, n-test 100,
@@ -32,7 +36,8 @@ def test_make_run_cell_end_to_end(tmp_path):
     assert c["model_checksum_sha256"].startswith("1d9614638d18") and c["kv_bias_trained"] is True
     assert set(r["accuracy"]) == {"zs", "icl", "gd", "lcgd"}
     for method in ("gd", "lcgd"):
-        assert c["lr_source_by_method"][method] and c["lr_by_method"][method] > 0
+        # no --lr: each method's chosen rate for the default model and task, and where it is from
+        assert (c["lr_by_method"][method], c["lr_source_by_method"][method]) == default_lr(DEFAULT_MODEL, load_task("rt_snippets"), method)
         assert len(r["metrics"][method]["SimAOU"]["per_layer"]) == 24
         assert all(len(row) == 4 for row in r["grad_norms"][method])
     assert "accuracy: ZS" in proc.stdout and "results:" in proc.stdout

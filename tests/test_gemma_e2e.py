@@ -1,4 +1,5 @@
-"""The real offline model (gemma-3-270m from its PyPI wheels) on real SST-2 data."""
+"""The real offline model (gemma-3-270m from its PyPI wheels) on real SST-2 rows (the
+fixture's, tests/data: a few test examples are all these tests need)."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SHARED_DATA, read_jsonl, run_cli
+from conftest import TEST_DATA, read_jsonl, run_cli
 from lens_iclgd.models import load_model
 from lens_iclgd.prompts import build_prompts
 from lens_iclgd.recording import record, record_reference
@@ -22,7 +23,7 @@ def gemma():
 
 
 def test_gemma_prefix_cache_equals_full_prompt(gemma):
-    rows = {s: read_jsonl(SHARED_DATA / "sst2" / f"{s}.jsonl", 200) for s in ("train", "validation")}
+    rows = {s: read_jsonl(TEST_DATA / "sst2" / f"{s}.jsonl", 200) for s in ("train", "validation")}
     p = build_prompts(gemma.model, load_task("sst2"), rows["train"], rows["validation"], k=4, seed=0, n_test=3)
     assert gemma.model.cfg.n_layers == 18 and gemma.model.cfg.n_key_value_heads == 1
     for prefix in (p.zs_prefix(), p.icl_prefix()):
@@ -35,7 +36,7 @@ def test_gemma_prefix_cache_equals_full_prompt(gemma):
 
 def test_gemma_cli_end_to_end(tmp_path):
     out = tmp_path / "gemma"
-    proc = run_cli(["run", "--model", "gemma-3-270m", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--n-test", "8",
+    proc = run_cli(["run", "--model", "gemma-3-270m", "--task", "sst2", "--data-dir", str(TEST_DATA), "--n-test", "8",
                     "--k", "4", "--seed", "1", "--out", str(out)], timeout=1200)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())

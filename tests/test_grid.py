@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, cli_in_process, run_cli
+from conftest import ROOT, TEST_DATA, cli_in_process, run_cli
 from lens_iclgd.errors import UserError
 from lens_iclgd.grid import cell_id, cells, load_grid, shard
 from lens_iclgd.report import collect, write_report
@@ -21,7 +21,7 @@ from lens_iclgd.report import collect, write_report
 def _grid_file(tmp_path: Path, model_dir: Path, **over) -> Path:
     settings = {"name": "tiny", "models": [str(model_dir)], "tasks": ["sst2"], "seeds": [0, 1],
                 "methods": ["gd", "lcgd"], "lrs": [0.01, 0.03], "k": 3, "n_test": 6, "n_heldout": 4,
-                "data_dir": str(SHARED_DATA)}
+                "data_dir": str(TEST_DATA)}
     settings.update(over)
     text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
     path = tmp_path / "tiny.toml"
@@ -164,19 +164,19 @@ def test_bad_grid_configs(tmp_path, body, message, capsys):
     path = tmp_path / "g.toml"
     if body is not None:
         path.write_text(body)
-    code, _, stderr = cli_in_process(["grid", str(path), "--results", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA)], capsys)
+    code, _, stderr = cli_in_process(["grid", str(path), "--results", str(tmp_path / "r"), "--data-dir", str(TEST_DATA)], capsys)
     assert code == 1
     assert len(stderr.strip().splitlines()) == 1 and message in stderr
 
 
 def test_default_lr_cells_follow_the_learning_rate_table(tmp_path, monkeypatch, tiny_hf_dir):
     """A cell run with lrs = ["default"] must not be reused after learning_rates.toml changes."""
-    from lens_iclgd import runner
+    from lens_iclgd import lr_rule
 
     grid = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"]))
     (cell,) = cells(grid)
     table = tmp_path / "learning_rates.toml"
-    monkeypatch.setattr(runner, "LEARNING_RATES_FILE", table)
+    monkeypatch.setattr(lr_rule, "LEARNING_RATES_FILE", table)
     ids = []
     for lr in (0.01, 0.02, 0.01):
         table.write_text(f'["{cell.model}"]\nsst2 = {lr}\n')
@@ -193,12 +193,23 @@ def test_ablation_sweep_report_table(tmp_path, tiny_hf_dir):
     report = write_report(results)
     table = pd.read_csv(report / "ablation.csv")
     assert list(table["ablated"]) == ["none", "attn0", "attn1"]
-    (plain,) = [json.loads(f.read_text()) for f in results.glob("cells/*/results.json") if "ablate" not in f.parent.name]
-    none = table.iloc[0]
-    assert none["acc_icl"] == pytest.approx(plain["accuracy"]["icl"], abs=1e-3)
-    assert none["SimAOU GD"] == pytest.approx(plain["metrics"]["gd"]["SimAOU"]["mean"], abs=1e-3)
-    assert (table.iloc[1:]["acc_icl"] != none["acc_icl"]).any() or (table.iloc[1:]["SimAOU GD"] != none["SimAOU GD"]).any()
-    assert "## Ablation sweep" in (report / "report.md").read_text() and (report / "fig_ablation.png").exists()
+    by_ablation = {r["config"].get("ablate", ""): r for r in (json.loads(f.read_text()) for f in results.glob("cells/*/results.json"))}
+    assert set(by_ablation) == {"", "attn0", "attn1"}
+    # one task and seed: every row is its own cell's numbers
+    for _, row in table.iterrows():
+        r = by_ablation["" if row["ablated"] == "none" else row["ablated"]]
+        assert row["acc_icl"] == pytest.approx(r["accuracy"]["icl"], abs=1e-3), row["ablated"]
+        assert row["acc_ft GD"] == pytest.approx(r["accuracy"]["gd"], abs=1e-3), row["ablated"]
+        assert row["SimAOU GD"] == pytest.approx(r["metrics"]["gd"]["SimAOU"]["mean"], abs=1e-3), row["ablated"]
+    # a zeroed attention layer has no update in any setting: its SimAOU is undefined, the other layer's is not
+    for layer in (0, 1):
+        per_layer = by_ablation[f"attn{layer}"]["metrics"]["gd"]["SimAOU"]["per_layer"]
+        assert per_layer[layer] is None and per_layer[1 - layer] is not None, per_layer
+    assert "## Ablation sweep" in (report / "report.md").read_text()
+    from matplotlib.image import imread
+
+    figure = imread(str(report / "fig_ablation.png"))
+    assert figure.shape[:2] == (round(3.8 * 130), 16 * 130) and figure[..., :3].std() > 0.05
 
 
 def test_grid_keys_for_step_unit_balanced_and_lr_words(tmp_path, tiny_hf_dir):
@@ -253,7 +264,7 @@ def test_loss_reduction_is_a_grid_key_and_enters_ids_only_when_mean(tmp_path, ti
         load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"], loss_reduction="mean"))
     # through the CLI: recorded in results.json; the ZS/ICL stages are shared, the finetuned ones are not
     out = tmp_path / "runs"
-    base = ["run", "--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(SHARED_DATA), "--k", "3",
+    base = ["run", "--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(TEST_DATA), "--k", "3",
             "--n-test", "6", "--lr", "0.01", "--methods", "gd"]
     assert cli_in_process([*base, "--out", str(out / "sum")], capsys)[0] == 0
     code, stdout, _ = cli_in_process([*base, "--loss-reduction", "mean", "--out", str(out / "mean"),

@@ -6,24 +6,26 @@ import tomllib
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA, run_cli
-from lens_iclgd import runner
+from conftest import TEST_DATA, run_cli
+from lens_iclgd import inputs, lr_rule, runner
 from lens_iclgd.errors import UserError
 from lens_iclgd.finetune import finetuned
-from lens_iclgd.grid import GridConfig, cell_id, run_grid
+from lens_iclgd.grid import cell_id, grid_from_record, run_grid
 from lens_iclgd.lr_rule import best_lr, chosen_rate, format_table
 from lens_iclgd.models import load_model
 from lens_iclgd.prompts import build_prompts
 from lens_iclgd.recording import record
 from lens_iclgd.report import choose_learning_rates, collect, table2
-from lens_iclgd.runner import RunConfig, default_lr, run
+from lens_iclgd.config import RunConfig
+from lens_iclgd.lr_rule import default_lr
+from lens_iclgd.runner import run
 from lens_iclgd.tasks import load_split, load_task
 
 
 @pytest.fixture
 def table(tmp_path, monkeypatch):
     path = tmp_path / "learning_rates.toml"
-    monkeypatch.setattr(runner, "LEARNING_RATES_FILE", path)
+    monkeypatch.setattr(lr_rule, "LEARNING_RATES_FILE", path)
     return path
 
 
@@ -94,7 +96,7 @@ def test_cell_ids_follow_each_methods_rate(table, tiny_hf_dir):
 def test_results_record_the_rate_of_each_method(table, tiny_hf_dir):
     table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n["{tiny_hf_dir}".lcgd]\nsst2 = 0.003\n')
     loaded = load_model(str(tiny_hf_dir))
-    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=2, n_test=4, data_dir=str(SHARED_DATA))
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=2, n_test=4, data_dir=str(TEST_DATA))
     own = run(cfg, None, loaded)["config"]
     assert own["lr_by_method"] == {"gd": 0.01, "lcgd": 0.003} and own["lr"] == 0.01 and own["lr_rule"] == "default"
     assert own["lr_source_by_method"]["lcgd"].endswith("[{}.lcgd]".format(tiny_hf_dir))
@@ -105,7 +107,7 @@ def test_results_record_the_rate_of_each_method(table, tiny_hf_dir):
 def _sst2_prompts(loaded):
     """The prompts of the auto-rate tests' cells (sst2, k 3, seed 0, 4 test, 12 held out)."""
     task = load_task("sst2")
-    return build_prompts(loaded.model, task, load_split(task, "train", SHARED_DATA), load_split(task, "validation", SHARED_DATA),
+    return build_prompts(loaded.model, task, load_split(task, "train", TEST_DATA), load_split(task, "validation", TEST_DATA),
                          k=3, seed=0, n_test=4, n_heldout=12)
 
 
@@ -118,7 +120,7 @@ def _heldout_accuracy(loaded, p, method, lr):
 def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
     loaded = load_model(str(tiny_hf_dir))
     lrs = (0.003, 0.03, 0.3, 1.0)
-    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(SHARED_DATA))
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(TEST_DATA))
     results = run(cfg, tmp_path / "run", loaded, auto_lrs=lrs)
     p = _sst2_prompts(loaded)
     c = results["config"]
@@ -139,7 +141,7 @@ def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
 
 
 def test_lr_auto_on_a_custom_task_file_from_the_cli(tmp_path, tiny_hf_dir):
-    rows = [json.loads(line) for line in (SHARED_DATA / "sst2" / "train.jsonl").read_text().splitlines()[:80]]
+    rows = [json.loads(line) for line in (TEST_DATA / "sst2" / "train.jsonl").read_text().splitlines()[:80]]
     data = [{"review": r["sentence"], "label": r["label"]} for r in rows]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[:60]))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[60:]))
@@ -176,7 +178,7 @@ def test_table2_at_own_and_at_shared_rates_keeps_the_cells_apart():
 
 def test_lr_auto_on_a_reinitialised_baseline_takes_the_trained_models_rates(tiny_hf_dir, tmp_path):
     lrs = (0.003, 0.03, 0.3, 1.0)
-    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(SHARED_DATA),
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr="auto", n_heldout=12, data_dir=str(TEST_DATA),
                     methods=("gd",))
     stages = tmp_path / "stages"
     trained = run(cfg, tmp_path / "trained", None, stages, auto_lrs=lrs)["config"]
@@ -197,12 +199,12 @@ def test_lr_auto_on_a_reinitialised_baseline_takes_the_trained_models_rates(tiny
 
 def test_a_grids_reinitialised_auto_cell_takes_the_rates_from_the_trained_model_the_grid_holds(tiny_hf_dir, tmp_path,
                                                                                              monkeypatch):
-    grid = GridConfig(name="tiny", models=[str(tiny_hf_dir)], baselines=["untrained"], tasks=["sst2"], seeds=[0],
-                      methods=["gd"], lrs=["auto"], k=3, n_test=4, n_heldout=12, data_dir=str(SHARED_DATA))
+    grid = grid_from_record(dict(name="tiny", models=[str(tiny_hf_dir)], baselines=["untrained"], tasks=["sst2"], seeds=[0],
+                                 methods=["gd"], lrs=["auto"], k=3, n_test=4, n_heldout=12, data_dir=str(TEST_DATA)))
     # the grid loaded the trained model to re-initialise it: the cell must not load it once more
     def no_second_load(*args, **kwargs):
         raise AssertionError(f"the cell loaded a model: {args}")
-    monkeypatch.setattr(runner, "load_model", no_second_load)
+    monkeypatch.setattr(inputs, "load_model", no_second_load)
     assert run_grid(grid, tmp_path / "r")["done"] == 1
     (cell,) = (tmp_path / "r" / "cells").glob("*/results.json")
     c = json.loads(cell.read_text())["config"]
@@ -213,11 +215,12 @@ def test_a_grids_reinitialised_auto_cell_takes_the_rates_from_the_trained_model_
 def test_only_finetuning_stages_are_keyed_by_the_held_out_examples(gqa_model):
     # --lr auto's held-out examples are scored after finetuning only: ZS and ICL recordings
     # do not depend on them, so cells with other held-out sets (every seed's) share those
-    from lens_iclgd.runner import prepare, stage_keys
+    from lens_iclgd.inputs import prepare
+    from lens_iclgd.runner import stage_keys
 
     keys = {}
     for n_heldout in (0, 8, 12):
-        c = RunConfig(task="sst2", data_dir=str(SHARED_DATA), k=3, n_test=4, lr=0.01, n_heldout=n_heldout)
+        c = RunConfig(task="sst2", data_dir=str(TEST_DATA), k=3, n_test=4, lr=0.01, n_heldout=n_heldout)
         inp = prepare(c, loaded=gqa_model)
         assert len(inp.prompts.heldout) == n_heldout
         keys[n_heldout] = stage_keys(inp)
@@ -230,8 +233,8 @@ def test_only_finetuning_stages_are_keyed_by_the_held_out_examples(gqa_model):
 def test_a_resumed_grid_takes_the_rates_a_finished_trained_cell_recorded_without_its_sweep(tiny_hf_dir, tmp_path,
                                                                                           monkeypatch):
     # another machine: the committed cells are there, the scratch stages are not
-    grid = GridConfig(name="tiny", models=[str(tiny_hf_dir)], baselines=["trained", "untrained"], tasks=["sst2"],
-                      seeds=[0], methods=["gd"], lrs=["auto"], k=3, n_test=4, n_heldout=12, data_dir=str(SHARED_DATA))
+    grid = grid_from_record(dict(name="tiny", models=[str(tiny_hf_dir)], baselines=["trained", "untrained"], tasks=["sst2"],
+                                 seeds=[0], methods=["gd"], lrs=["auto"], k=3, n_test=4, n_heldout=12, data_dir=str(TEST_DATA)))
     results = tmp_path / "r"
     assert run_grid(grid, results, scratch_dir=tmp_path / "machine1")["done"] == 2
     cells = {json.loads(f.read_text())["config"]["baseline"]: f for f in results.glob("cells/*/results.json")}

@@ -22,7 +22,7 @@ def test_simaou_hand_computed():
 
 
 def test_simaou_norm_is_one_quarter_for_orthogonal_random_updates():
-    """PROTOCOL.md: r, r' orthogonal to z and to each other, |r|^2 = |r'|^2 = 3|z|^2,
+    """docs/protocol.md: r, r' orthogonal to z and to each other, |r|^2 = |r'|^2 = 3|z|^2,
     give SimAOU_norm exactly 1/4 while SimAOU is 0."""
     z = vec(2.0, 0.0, 0.0)
     s = math.sqrt(3 * 4.0)

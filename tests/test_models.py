@@ -1,11 +1,14 @@
-"""Baselines keep exactly the parameters PROTOCOL.md says; K/V parameter selection."""
+"""Models (models.py): baselines keep exactly the parameters docs/protocol.md says; K/V parameter
+selection; damaged model caches are detected and rebuilt."""
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import assert_same_weights, tiny_model
+from lens_iclgd import models
 from lens_iclgd.errors import UserError
 from lens_iclgd.models import check_model_name, kept_by_embeddings_baseline, kv_parameters, make_baseline
+from lens_iclgd.store import sha256_file
 
 
 def _differs(a, b):
@@ -74,3 +77,33 @@ def test_unknown_model_is_a_user_error(name):
 def test_bad_baseline(gqa_model):
     with pytest.raises(UserError, match="unknown baseline"):
         make_baseline(gqa_model, "half-trained", 0)
+
+
+def test_corrupt_or_truncated_gguf_is_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_ICLGD_CACHE", str(tmp_path))
+    spec = models.OFFLINE_MODELS["smollm2-135m"]
+    path = models.fetch_offline_file(spec)
+    assert sha256_file(path) == spec.sha256
+    with open(path, "r+b") as f:  # truncate
+        f.truncate(1000)
+    assert sha256_file(models.fetch_offline_file(spec)) == spec.sha256
+    with open(path, "r+b") as f:  # flip a byte
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert sha256_file(models.fetch_offline_file(spec)) == spec.sha256
+
+
+def test_corrupt_converted_weights_are_detected(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("LENS_ICLGD_CACHE", str(tmp_path))
+    spec = models.OfflineModel("tiny-test", (), (), "tiny.gguf", "0" * 64, None, True, "test")
+    lm = tiny_model(tokenizer)
+    models._save_converted(spec, lm.model)
+    assert_same_weights(models._load_converted(spec), lm.model)
+    weights = models.converted_dir(spec) / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert models._load_converted(spec) is None  # checksum mismatch: reconverted by the caller
+    assert not models.converted_dir(spec).exists()

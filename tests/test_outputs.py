@@ -102,12 +102,14 @@ def test_a_cell_records_output_metrics_that_match_a_full_forward(tmp_path, tiny_
 
     import pandas as pd
 
-    from conftest import SHARED_DATA
+    from conftest import TEST_DATA
     from lens_iclgd.models import load_model
-    from lens_iclgd.runner import RunConfig, prepare, run
+    from lens_iclgd.config import RunConfig
+    from lens_iclgd.inputs import prepare
+    from lens_iclgd.runner import run
 
     loaded = load_model(str(tiny_hf_dir))
-    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=6, lr=0.02, data_dir=str(SHARED_DATA), top_k=4)
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=6, lr=0.02, data_dir=str(TEST_DATA), top_k=4)
     run(cfg, tmp_path, loaded)
     r = json.loads((tmp_path / "results.json").read_text())
     o = r["outputs"]

@@ -1,7 +1,7 @@
-"""Precision policies (precision.py), devices (device.py) and progress bars, on tiny models."""
+"""Precision policies (precision.py) on tiny models: float32 bit for bit, bfloat16 training
+and recording, stage keys and cell ids, the bfloat16 probe's verdict before any compute."""
 
 import copy
-import io
 import json
 from contextlib import nullcontext
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lens_iclgd import finetune, fast, progress, recording, vocab
-from lens_iclgd.device import resolve_device
+from lens_iclgd import finetune, recording, vocab
 from lens_iclgd.errors import UserError
 from lens_iclgd.finetune import train
 from lens_iclgd.models import kv_parameters
@@ -105,11 +104,13 @@ def test_precision_presets_and_fidelity_flag(monkeypatch):
 
 
 def test_precision_enters_stage_keys_and_cell_ids_only_when_not_float32(gqa_model, sst2_rows, tmp_path):
-    from conftest import SHARED_DATA
+    from conftest import TEST_DATA
     from lens_iclgd.grid import cell_id
-    from lens_iclgd.runner import RunConfig, prepare, stage_keys
+    from lens_iclgd.config import RunConfig
+    from lens_iclgd.inputs import prepare
+    from lens_iclgd.runner import stage_keys
 
-    base = RunConfig(task="sst2", data_dir=str(SHARED_DATA), k=3, n_test=4, lr=0.01)
+    base = RunConfig(task="sst2", data_dir=str(TEST_DATA), k=3, n_test=4, lr=0.01)
     keys = {}
     for precision, device in (("float32", "auto"), ("float32", "cpu"), ("train-bf16", "cpu"), ("bfloat16", "cpu")):
         c = RunConfig(**{**base.__dict__, "precision": precision, "device": device})
@@ -123,160 +124,26 @@ def test_precision_enters_stage_keys_and_cell_ids_only_when_not_float32(gqa_mode
 
 
 def test_run_records_the_precision_policy(tiny_hf_dir, tmp_path, monkeypatch):
-    from conftest import SHARED_DATA
+    from conftest import TEST_DATA
     from lens_iclgd.hardware import PROBE_ENV
-    from lens_iclgd.runner import RunConfig, run
+    from lens_iclgd.config import RunConfig
+    from lens_iclgd.runner import run
 
     monkeypatch.setenv(PROBE_ENV, "fast")  # whatever this CPU's bfloat16 speed (tested above)
-    c = RunConfig(task="sst2", model=str(tiny_hf_dir), data_dir=str(SHARED_DATA), k=2, n_test=4, lr=0.01,
+    c = RunConfig(task="sst2", model=str(tiny_hf_dir), data_dir=str(TEST_DATA), k=2, n_test=4, lr=0.01,
                   methods=("gd",), precision="bfloat16", device="cpu")
     cfg = run(c, tmp_path / "out")["config"]
     assert cfg["precision"] == "bfloat16" and cfg["precision_policy"]["train"] == BF16
     assert cfg["precision_within_fidelity"] is False
 
 
-# --- devices --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("cuda,mps,want", [(2, True, "cuda"), (0, True, "mps"), (0, False, "cpu")])
-def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
-    from lens_iclgd import device
-
-    monkeypatch.setattr(device, "_cuda_count", lambda: cuda)
-    monkeypatch.setattr(device, "_mps_available", lambda: mps)
-    assert resolve_device("auto").type == want
-    if cuda:
-        assert resolve_device("cuda:1") == torch.device("cuda", 1)
-
-
-@pytest.mark.parametrize("name,message", [("cuda", "not available here"), ("cuda:0", "not available here"),
-                                          ("mps", "not available here"), ("tpu", "unknown device"), ("gpu!", "unknown device")])
-def test_missing_or_unknown_device_is_a_one_line_error(monkeypatch, name, message):
-    from lens_iclgd import device
-
-    monkeypatch.setattr(device, "_cuda_count", lambda: 0)
-    monkeypatch.setattr(device, "_mps_available", lambda: False)
-    with pytest.raises(UserError, match=message) as err:
-        resolve_device(name)
-    assert "\n" not in str(err.value)
-
-
-def test_pipeline_creates_every_tensor_on_the_models_device(gqa_model, sst2_rows):
-    """With torch's default device set to "meta" (tensors without data), anything the
-    pipeline created without following the model's device would be a meta tensor, and the
-    run would fail on its first real use of it."""
-    from lens_iclgd.ablation import ablation_hooks, parse_ablation
-
-    lm = gqa_model
-    p = _prompts(lm, sst2_rows)
-    torch.set_default_device("meta")
-    try:
-        hooks = ablation_hooks(lm.model, parse_ablation("1.0", "mean"), p)
-        for mode in (FLOAT32, BF16):
-            rec = record(lm.model, p.icl_prefix(), p.queries, p.options, hooks=hooks, precision=mode)
-            log = train(lm.model, p.demos, p.bos, "lcgd", 0.01, False, hooks=hooks, precision=mode)
-            assert rec.attn_out.device.type == "cpu" and torch.isfinite(rec.option_logprobs).all()
-            assert log.grad_norms.device.type == "cpu" and (log.grad_norms > 0).all()
-    finally:
-        torch.set_default_device(None)
-
-
-def test_fast_patches_apply_only_on_the_cpu(tokenizer):
-    lm = tiny_model(tokenizer, gqa=True)
-    attn = lm.model.blocks[0].attn
-    with fast.fast_forward(lm.model):
-        assert "calculate_attention_scores" in attn.__dict__
-    assert fast.prerotation_supported(lm.model)
-    lm.model.to("meta", print_details=False)  # a device that is not the CPU, without a GPU
-    with fast.fast_forward(lm.model):
-        assert "calculate_attention_scores" not in attn.__dict__
-    assert not fast.prerotation_supported(lm.model)
-
-
-def test_load_model_puts_the_model_on_the_device(tiny_hf_dir):
-    from lens_iclgd.models import load_model, make_baseline
-
-    lm = load_model(str(tiny_hf_dir), device="cpu:0")
-    assert next(lm.model.parameters()).device.type == "cpu"
-    assert next(make_baseline(lm, "untrained", 1).model.parameters()).device.type == "cpu"
-    with pytest.raises(UserError, match="unknown device"):
-        load_model(str(tiny_hf_dir), device="abacus")
-
-
-# --- progress bars --------------------------------------------------------------------------
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_bars_draw_on_a_terminal_unless_quiet(gqa_model, sst2_rows, monkeypatch):
-    p = _prompts(gqa_model, sst2_rows)
-    for quiet in (False, True):
-        term = _Terminal()
-        monkeypatch.setattr("sys.stderr", term)
-        monkeypatch.setenv("TQDM_DISABLE", "1")  # the CLI's setting for third-party bars
-        progress.set_quiet(quiet)
-        try:
-            record(gqa_model.model, p.zs_prefix(), p.queries, p.options, batch_size=2)
-            train(copy.deepcopy(gqa_model.model), p.demos, p.bos, "gd", 0.01, False)
-        finally:
-            progress.set_quiet(False)
-        drawn = term.getvalue()
-        assert (("recording" in drawn and "gd training" in drawn) if not quiet else drawn == ""), drawn
-
-
-# --- the bfloat16 probe: measured before any bfloat16 phase runs -----------------------------
+# --- the bfloat16 probe's verdict (test_hardware.py), checked before any bfloat16 phase runs ---
 
 
 def _probe(fast: bool):
     from lens_iclgd.hardware import Bf16Probe
 
     return Bf16Probe("cpu", 1.0, 0.5 if fast else 30.0, "test CPU, AVX2, 1 threads")
-
-
-def test_bf16_probe_measures_both_dtypes_and_decides_by_their_ratio(monkeypatch):
-    """The probe's decision agrees with an independent timing of the same matmuls wherever
-    the two dtypes differ by more than 2x (AVX2-only CPUs: bfloat16 ~30x slower; AVX-512
-    with avx512_bf16: 3-5x faster)."""
-    import time
-
-    from lens_iclgd.hardware import PROBE_ENV, PROBE_SHAPE, bf16_probe
-
-    monkeypatch.delenv(PROBE_ENV, raising=False)
-    probe = bf16_probe("cpu")
-    assert probe.override is None and probe.float32_ms > 0 and probe.bfloat16_ms > 0
-    assert probe.pays_off == (probe.bfloat16_ms < probe.float32_ms)
-    assert torch.backends.cpu.get_cpu_capability() in probe.line() and "float32" in probe.line()
-
-    def best_ms(dtype, reps=3):
-        rows, inner, cols = PROBE_SHAPE
-        a, b = torch.randn(rows, inner).to(dtype), torch.randn(inner, cols).to(dtype)
-        a @ b
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return 1e3 * min(times)
-
-    ratio = best_ms(torch.bfloat16) / best_ms(torch.float32)
-    if ratio > 2 or ratio < 0.5:
-        assert probe.pays_off == (ratio < 1), (probe.line(), ratio)
-
-
-def test_bf16_probe_override_is_stated_and_checked(monkeypatch):
-    from lens_iclgd.hardware import PROBE_ENV, bf16_probe
-
-    for value, pays in (("fast", True), ("slow", False)):
-        monkeypatch.setenv(PROBE_ENV, value)
-        probe = bf16_probe("cpu")
-        assert probe.pays_off is pays and probe.override == value and f"{PROBE_ENV}={value} (not measured)" in probe.line()
-    monkeypatch.setenv(PROBE_ENV, "maybe")
-    with pytest.raises(UserError, match=f"{PROBE_ENV}='maybe': use fast or slow") as err:
-        bf16_probe("cpu")
-    assert "\n" not in str(err.value)
 
 
 def test_require_fast_bf16_stops_in_one_line_where_bfloat16_is_slower(monkeypatch):
@@ -301,11 +168,12 @@ def test_require_fast_bf16_stops_in_one_line_where_bfloat16_is_slower(monkeypatc
 def test_run_with_slow_bfloat16_stops_before_any_compute(tiny_hf_dir, tmp_path, monkeypatch):
     """On a CPU where bfloat16 loses, `run --precision mixed` computes nothing and leaves
     nothing behind; where it wins, the probe is recorded beside the timings."""
-    from conftest import SHARED_DATA
+    from conftest import TEST_DATA
     from lens_iclgd import precision, runner
-    from lens_iclgd.runner import RunConfig, run
+    from lens_iclgd.config import RunConfig
+    from lens_iclgd.runner import run
 
-    c = RunConfig(task="sst2", model=str(tiny_hf_dir), data_dir=str(SHARED_DATA), k=2, n_test=4, lr=0.01,
+    c = RunConfig(task="sst2", model=str(tiny_hf_dir), data_dir=str(TEST_DATA), k=2, n_test=4, lr=0.01,
                   methods=("gd",), precision="mixed", device="cpu")
     monkeypatch.setattr(precision, "bf16_probe", lambda device: _probe(fast=False))
     real_compute = runner.compute_stage

@@ -1,87 +1,17 @@
-"""Ablations, custom tasks, order sensitivity, views and the Python API."""
+"""Researcher tools end to end: a custom task file with an ablation and its views (the
+figures decoded and checked against the run's numbers), the Python API, the worked example."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, run_cli, tiny_model
-from lens_iclgd.ablation import ablation_hooks, parse_ablation
-from lens_iclgd.errors import UserError
-from lens_iclgd.finetune import train
-from lens_iclgd.models import kv_parameters
-from lens_iclgd.prompts import build_prompts
-from lens_iclgd.recording import record, record_reference
-from lens_iclgd.tasks import load_task
-
-
-def _cache(model, tokens, hooks):
-    with model.hooks(fwd_hooks=hooks):  # registered first: caching hooks see the ablated values
-        _, cache = model.run_with_cache(tokens)
-    return cache
-
-
-def _prompts(lm, rows, k=3, n_test=5):
-    return build_prompts(lm.model, load_task("sst2"), rows["train"], rows["validation"], k=k, seed=0, n_test=n_test)
-
-
-@pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_head_ablation_changes_exactly_that_head(gqa_model, sst2_rows, mode):
-    model = gqa_model.model
-    p = _prompts(gqa_model, sst2_rows)
-    tokens = torch.tensor([p.icl_prefix() + p.queries[0].prompt])
-    clean = _cache(model, tokens, [])
-    ablated = _cache(model, tokens, ablation_hooks(model, parse_ablation("1.2", mode), p))
-    for name in clean:
-        layer = int(name.split(".")[1]) if name.startswith("blocks.") else None
-        if layer == 0 or (layer == 1 and any(h in name for h in ("hook_q", "hook_k", "hook_v", "hook_rot", "attn_scores", "hook_pattern", "ln1.", "hook_resid_pre", "hook_attn_in"))):
-            assert torch.equal(clean[name], ablated[name]), f"{name} is upstream of the ablation but changed"
-    z0, z1 = clean["blocks.1.attn.hook_z"], ablated["blocks.1.attn.hook_z"]
-    others = [h for h in range(model.cfg.n_heads) if h != 2]
-    assert torch.equal(z0[:, :, others], z1[:, :, others])
-    if mode == "zero":
-        assert (z1[:, :, 2] == 0).all()
-    else:
-        assert torch.allclose(z1[0, 0, 2], z1[0, -1, 2]) and not torch.allclose(z1[:, :, 2], z0[:, :, 2])
-    assert not torch.allclose(clean["blocks.1.hook_attn_out"], ablated["blocks.1.hook_attn_out"])
-
-
-def test_layer_ablations_and_bad_specs(gqa_model, sst2_rows):
-    model = gqa_model.model
-    p = _prompts(gqa_model, sst2_rows)
-    tokens = torch.tensor([p.zs_prefix() + p.queries[0].prompt])
-    cache = _cache(model, tokens, ablation_hooks(model, parse_ablation("attn0,mlp2,1.*"), p))
-    assert (cache["blocks.0.hook_attn_out"] == 0).all() and (cache["blocks.2.hook_mlp_out"] == 0).all()
-    assert (cache["blocks.1.attn.hook_z"] == 0).all()
-    for bad, msg in (("3-1", "cannot parse"), ("attn", "cannot parse"), ("1.2,1.2", "twice")):
-        with pytest.raises(UserError, match=msg):
-            parse_ablation(bad)
-    for bad, msg in (("7.0", "has layers 0..2"), ("0.9", "has heads 0..3")):
-        with pytest.raises(UserError, match=msg):
-            ablation_hooks(model, parse_ablation(bad), p)
-
-
-def test_ablation_applies_in_icl_prefix_and_in_finetuning(gqa_model, sst2_rows):
-    model = gqa_model.model
-    p = _prompts(gqa_model, sst2_rows)
-    hooks = ablation_hooks(model, parse_ablation("attn1"), p)
-    icl = record(model, p.icl_prefix(), p.queries, p.options, hooks=hooks)
-    assert (icl.attn_out[:, 1] == 0).all()
-    # the prefix is ablated too: the cached fast path equals a full-prompt ablated run
-    ref = record_reference(model, p.icl_prefix(), p.queries, p.options, hooks=hooks)
-    assert torch.allclose(icl.attn_out, ref.attn_out, atol=1e-5)
-    assert not torch.allclose(icl.attn_out, record(model, p.icl_prefix(), p.queries, p.options).attn_out)
-    # training with the whole attention block of layer 1 ablated: no gradient reaches its K/V
-    before = {n: q.detach().clone() for ps in kv_parameters(model, False).values() for n, q in ps}
-    for method in ("gd", "lcgd"):
-        log = train(model, p.demos, p.bos, method, 0.05, False, hooks=hooks)
-        assert (log.grad_norms[1] == 0).all() and (log.grad_norms[0] > 0).all()
-        after = dict(model.named_parameters())
-        assert torch.equal(after["blocks.1.attn._W_K"], before["blocks.1.attn._W_K"])
-        assert not torch.equal(after["blocks.0.attn._W_K"], before["blocks.0.attn._W_K"])
+from conftest import ROOT, TEST_DATA, run_cli
+from lens_iclgd.views import per_head_frame
 
 
 def _custom_task(tmp_path, rows):
@@ -106,25 +36,50 @@ def test_custom_task_file_end_to_end(tmp_path, tiny_hf_dir, sst2_rows):
     assert r["config"]["ablation"] == [{"component": "0.1", "hook": "blocks.0.attn.hook_z", "mode": "zero"}]
     assert set(pd.read_csv(out / "examples.csv")["label"]) <= {"bad", "good"}
     views = run_cli(["views", str(out)])
-    assert views.returncode == 0 and (out / "views" / "per_head_simam.png").stat().st_size > 10_000
+    assert views.returncode == 0, views.stderr
+    _check_per_head_figure(out / "views" / "per_head_simam.png", r)
+    per_layer = _png(out / "views" / "per_layer_simaou.png")
+    assert per_layer.shape[:2] == (round(3.8 * DPI), 10 * DPI) and per_layer[..., :3].std() > 0.05
 
 
-def test_order_sensitivity_returns_one_result_per_permutation(tmp_path, tiny_hf_dir):
-    out = tmp_path / "orders"
-    proc = run_cli(["run", "--task", "sst2", "--data-dir", str(SHARED_DATA), "--model", str(tiny_hf_dir),
-                    "--k", "4", "--n-test", "10", "--lr", "0.02", "--orders", "3", "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr
-    table = pd.read_csv(out / "orders.csv")
-    assert list(table["order"]) == [0, 1, 2]
-    demo_sets = [sorted(json.loads(r.replace("'", '"'))) for r in table["demo_rows"]]
-    assert demo_sets[0] == demo_sets[1] == demo_sets[2]
-    orders = [json.loads((out / f"order{i}" / "results.json").read_text())["config"]["demo_rows"] for i in range(3)]
-    assert len({tuple(o) for o in orders}) == 3  # same set, three different orders
-    summary = json.loads((out / "orders.json").read_text())
-    assert set(summary["prediction_stability"]) == {"zs", "icl", "gd", "lcgd"}
-    assert summary["prediction_stability"]["zs"]["same_prediction_in_every_order"] == 1.0
-    assert summary["spread"]["acc_zs"]["std"] == 0.0
-    assert "ICL" in proc.stdout and "flip rate" in proc.stdout
+DPI = 130  # report._save
+
+
+def _png(path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(str(path))  # height x width x RGB(A), floats in [0, 1]
+
+
+def _check_per_head_figure(path, results: dict) -> None:
+    """What views.write_views draws, from the figure itself: one heatmap per method and
+    metric plus ZS SimAM, at the figure's size; the numbers it plots are results.json's
+    per-head values; and every value's colour (RdBu_r, -1..1) fills at least part of a
+    heatmap cell, far more pixels than the colour bar's band of that colour could."""
+    from matplotlib import colormaps
+
+    methods = list(results["metrics"])
+    panels = {(m, name): results["metrics"][m][name]["per_head"] for m in methods for name in ("SimAM", "SimAM_delta")}
+    panels["icl-vs-zs", "ZS SimAM"] = results["zs_simam"]["per_head"]
+    frame = per_head_frame(results)
+    for (method, metric), want in panels.items():
+        sub = frame[(frame["method"] == method) & (frame["metric"] == metric)]
+        got = sub.pivot(index="layer", columns="head", values="value").to_numpy(dtype=float)
+        assert np.allclose(got, np.array(want, dtype=float), equal_nan=True), (method, metric)
+    image = _png(path)
+    n_cols = len(methods) + 1
+    assert image.shape[:2] == (7 * DPI, round(4.5 * n_cols * DPI))
+    pixels = np.round(image[..., :3].reshape(-1, 3) * 255)
+    n_layers, n_heads = np.array(panels["gd", "SimAM"]).shape
+    # a heatmap takes well over a tenth of its panel; the colour bar gives a colour ~1/256 of its height
+    cell = 0.1 * (image.shape[0] / 2) * (image.shape[1] / n_cols) / (n_layers * n_heads)
+    for key, values in panels.items():
+        for v in np.array(values, dtype=float).ravel():
+            if np.isnan(v):
+                continue
+            colour = np.round(np.array(colormaps["RdBu_r"]((v + 1) / 2)[:3]) * 255)
+            n = int((np.abs(pixels - colour).max(axis=1) <= 1).sum())
+            assert n >= cell, (key, v, n, cell)
 
 
 def test_public_api_and_metric_frames(gqa_model, sst2_rows):
@@ -150,7 +105,7 @@ def test_public_api_and_metric_frames(gqa_model, sst2_rows):
 def test_worked_api_example_runs(tiny_hf_dir):
     """experiments/api_example.py (shown in the README) on a tiny local model."""
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "api_example.py"), "--model", str(tiny_hf_dir),
-                           "--task", "sst2", "--data-dir", str(SHARED_DATA), "--k", "2", "--n-test", "4", "--ablate", "attn1"],
+                           "--task", "sst2", "--data-dir", str(TEST_DATA), "--k", "2", "--n-test", "4", "--ablate", "attn1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy with attn1 ablated" in proc.stdout and "LCGD: accuracy" in proc.stdout

@@ -1,5 +1,5 @@
 """The study at scale: portable cell ids, committed results, cross-model reports, the
-ICL-gain table and the submitit launcher, on tiny local models."""
+ICL-gain table, on tiny local models (the submitit launcher is in test_launch.py)."""
 
 import dataclasses
 import json
@@ -13,8 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA, run_cli, save_tiny_llama
-from lens_iclgd.cli import main
+from conftest import TEST_DATA, grid_file, run_cli, save_tiny_llama
 from lens_iclgd.errors import UserError
 from lens_iclgd.grid import cell_id, cells, legacy_cell_id, load_grid
 from lens_iclgd.report import collect
@@ -22,18 +21,9 @@ from lens_iclgd.report import collect
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _grid_file(path: Path, models: list, data_dir: Path, **over) -> Path:
-    settings = {"name": "tiny", "models": [str(m) for m in models], "tasks": ["sst2"], "seeds": [0, 1],
-                "methods": ["gd", "lcgd"], "lrs": ["default"], "k": 3, "n_test": 6, "data_dir": str(data_dir)}
-    settings.update(over)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()) + "\n")
-    return path
-
-
 def _data_copy(where: Path, tasks=("sst2",)) -> Path:
     for t in tasks:
-        shutil.copytree(SHARED_DATA / t, where / t)
+        shutil.copytree(TEST_DATA / t, where / t)
     return where
 
 
@@ -60,12 +50,12 @@ def test_cell_ids_follow_the_data_not_its_path(tmp_path, tiny_hf_dir):
     (changed / "sst2" / "train.jsonl").write_text("".join(lines[1:]))  # one training row fewer
 
     def ids(data_dir):
-        return [cell_id(c) for c in cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], data_dir)))]
+        return [cell_id(c) for c in cells(load_grid(grid_file(tmp_path / "g.toml", [tiny_hf_dir], data_dir)))]
 
     assert ids(a) == ids(b)
     assert ids(a) != ids(changed) and len(set(ids(a)) & set(ids(changed))) == 0
-    (c,) = cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], a, seeds=[0])))
-    assert legacy_cell_id(c) != legacy_cell_id(cells(load_grid(_grid_file(tmp_path / "g.toml", [tiny_hf_dir], b, seeds=[0])))[0])
+    (c,) = cells(load_grid(grid_file(tmp_path / "g.toml", [tiny_hf_dir], a, seeds=[0])))
+    assert legacy_cell_id(c) != legacy_cell_id(cells(load_grid(grid_file(tmp_path / "g.toml", [tiny_hf_dir], b, seeds=[0])))[0])
     # without a data_dir the id is the one older versions gave (existing results stay valid)
     assert cell_id(dataclasses.replace(c, data_dir=None)) == legacy_cell_id(dataclasses.replace(c, data_dir=None))
     # the recorded fingerprint stands in for reading the data
@@ -78,7 +68,7 @@ def test_cell_ids_follow_the_data_not_its_path(tmp_path, tiny_hf_dir):
 def test_grid_resumes_on_another_machine_and_adopts_legacy_cells(tmp_path, tiny_hf_dir):
     a, b = _data_copy(tmp_path / "a"), _data_copy(tmp_path / "b")
     results, scratch = tmp_path / "results", tmp_path / "scratch"
-    first = run_cli(["grid", str(_grid_file(tmp_path / "ga.toml", [tiny_hf_dir], a)), "--results", str(results),
+    first = run_cli(["grid", str(grid_file(tmp_path / "ga.toml", [tiny_hf_dir], a)), "--results", str(results),
                      "--scratch", str(scratch)])
     assert first.returncode == 0, first.stderr
     assert not (results / "stages").exists() and list((scratch / "stages").glob("*.pt"))
@@ -88,7 +78,7 @@ def test_grid_resumes_on_another_machine_and_adopts_legacy_cells(tmp_path, tiny_
     assert set(recorded) == {"sst2"} and recorded["sst2"].startswith("local-sha256:")
 
     # the same grid on "another machine": its data elsewhere, nothing to recompute
-    second = run_cli(["grid", str(_grid_file(tmp_path / "gb.toml", [tiny_hf_dir], b)), "--results", str(results)])
+    second = run_cli(["grid", str(grid_file(tmp_path / "gb.toml", [tiny_hf_dir], b)), "--results", str(results)])
     assert second.returncode == 0 and "2 already done, 0 to run" in second.stdout
 
     # a results directory written before fingerprints: cells under legacy ids, grid json without them
@@ -98,6 +88,7 @@ def test_grid_resumes_on_another_machine_and_adopts_legacy_cells(tmp_path, tiny_
     del recorded
     old = json.loads((results / "grids" / "tiny.json").read_text())
     old.pop("data_fingerprints")
+    old.pop("cells")  # records of that time listed no cell ids either
     old["data_dir"] = str(a)
     (results / "grids" / "tiny.json").write_text(json.dumps(old))
     coll = collect(results)  # the report still counts them
@@ -116,7 +107,7 @@ def two_model_results(tmp_path_factory, tiny_hf_dir, second_hf_dir):
     is deleted afterwards (a clean clone has no data)."""
     root = tmp_path_factory.mktemp("two_models")
     data = _data_copy(root / "data")
-    config = _grid_file(root / "two.toml", [tiny_hf_dir, second_hf_dir], data, name="two",
+    config = grid_file(root / "two.toml", [tiny_hf_dir, second_hf_dir], data, name="two",
                         baselines=["trained", "untrained"])
     results = root / "results"
     out = run_cli(["grid", str(config), "--results", str(results)], timeout=1800)  # 8 cells; slow on a busy machine
@@ -158,7 +149,8 @@ def test_committed_layout_and_byte_for_byte_report(tmp_path, two_model_results):
             "crossmodel_table2.csv"} <= files
     text = reports[0]["report.md"].decode()
     assert "8 finished cells of 8 defined by the grids here; 0 missing" in text
-    assert "## Findings (PROTOCOL.md) per model" in text and "| 1 |" in text and "| 4 |" in text
+    assert "## Findings (docs/protocol.md) per model" in text and "| 1. SimAOU alone is no evidence |" in text
+    assert "| 4. LCGD's gradients are larger |" in text and "## Verdicts at a glance" in text
 
 
 def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results):
@@ -168,20 +160,26 @@ def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results
     assert run_cli(["report", str(two_model_results), "--out", str(out)]).returncode == 0
     side = pd.read_csv(out / "crossmodel_table2.csv").set_index("row")
     cells = [json.loads(f.read_text()) for f in sorted(two_model_results.glob("cells/*/results.json"))]
-    for model in side.columns:
+    models = [c for c in side.columns if not c.endswith(("_seed_std", "_task_min", "_task_max"))]
+    assert len(models) == 2 and f"{models[0]}_seed_std" in side.columns
+    for model in models:
         own = [c for c in cells if c["config"]["model"] == model and c["config"]["baseline"] == "trained"]
         assert len(own) == 2  # two seeds
         # independent: the mean over seeds (one task) straight from results.json
         gd_simaou = statistics.mean(c["metrics"]["gd"]["SimAOU"]["mean"] for c in own)
         lcgd_acc = statistics.mean(c["accuracy"]["lcgd"] for c in own)
         assert side.loc["SimAOU — GD", model] == pytest.approx(gd_simaou, abs=1e-4)
+        # the spread over seeds: one task, so the std of the two seeds' values; the task range is that one task
+        spread = statistics.stdev(c["metrics"]["gd"]["SimAOU"]["mean"] for c in own)
+        assert side.loc["SimAOU — GD", f"{model}_seed_std"] == pytest.approx(spread, abs=1e-4)
+        assert side.loc["SimAOU — GD", f"{model}_task_min"] == pytest.approx(gd_simaou, abs=1e-4)
         assert side.loc["accuracy — LCGD", model] == pytest.approx(lcgd_acc, abs=1e-4)
         per_model = out / Path(model).name / "table2.csv"
         assert pd.read_csv(per_model).set_index("row").loc["SimAOU — GD", "mean_mean"] == pytest.approx(gd_simaou, abs=1e-9)
     # the two models differ, so a pooled table would have shown neither
-    assert side.loc["SimAOU — GD"].nunique() == 2
+    assert side.loc["SimAOU — GD", models].nunique() == 2
     text = (out / "report.md").read_text()
-    for model in side.columns:
+    for model in models:
         assert f"### {model}" in text
     assert "k requested 3, effective 3; n-test 6; seeds 0, 1" in text
     assert "| two | 4 | 3 | 6 | 0, 1 |" in text  # the grid's cells, k, n-test and seeds per model, with timings
@@ -198,8 +196,8 @@ def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results
 
 
 def test_icl_gain_table_and_default_model_rule(tmp_path, tiny_hf_dir, second_hf_dir):
-    data = SHARED_DATA
-    config = _grid_file(tmp_path / "icl.toml", [tiny_hf_dir, second_hf_dir], data, name="icl_gain", methods=["icl"],
+    data = TEST_DATA
+    config = grid_file(tmp_path / "icl.toml", [tiny_hf_dir, second_hf_dir], data, name="icl_gain", methods=["icl"],
                         tasks=["sst2", "mr"], seeds=[0, 1, 2], k=2, n_test=8)
     results = tmp_path / "results"
     assert run_cli(["grid", str(config), "--results", str(results)]).returncode == 0
@@ -241,69 +239,28 @@ def test_icl_gain_table_and_default_model_rule(tmp_path, tiny_hf_dir, second_hf_
     assert "## The premise: ICL - ZS accuracy per model" in (tmp_path / "report" / "report.md").read_text()
 
 
-# --- 5. the cluster launcher ------------------------------------------------------------------
-
-
-def test_submit_local_gives_the_uninterrupted_grid(tmp_path, tiny_hf_dir):
-    config = _grid_file(tmp_path / "g.toml", [tiny_hf_dir], SHARED_DATA, seeds=[0, 1, 2], lrs=[0.01])
-    whole, submitted = tmp_path / "whole", tmp_path / "submitted"
-    assert run_cli(["grid", str(config), "--results", str(whole)]).returncode == 0
-    proc = run_cli(["grid", str(config), "--results", str(submitted), "--submit", "local", "--jobs", "2", "--time", "20"])
-    assert proc.returncode == 0, proc.stderr
-    assert "submitted 2 local job(s)" in proc.stdout and "shard 1/2:" in proc.stdout
-    assert _results(submitted) == _results(whole) and len(_results(whole)) == 3
-    assert list((submitted / "submitit").rglob("*_log.out"))
-    assert run_cli(["report", str(submitted)]).returncode == 0
-    assert collect(submitted).missing == 0
-
-
-def test_slurm_executor_gets_the_requested_resources(tmp_path, monkeypatch, capsys):
-    from submitit.slurm import slurm
-
-    from lens_iclgd.launch import Resources, make_executor
-
-    res = Resources(jobs=4, partition="gpu-long", time_min=90, gpus_per_job=1, cpus_per_job=8, mem_gb=32)
-    config = _grid_file(tmp_path / "g.toml", ["gemma-3-270m"], SHARED_DATA)
-    assert main(["grid", str(config), "--results", str(tmp_path / "r"), "--submit", "slurm"]) == 1
-    err = capsys.readouterr().err
-    assert "Run on a SLURM login node" in err and len(err.splitlines()) == 1
-
-    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # pretend srun exists
-    executor = make_executor("slurm", tmp_path / "submitit" / "%j", res, "lens-iclgd-x")
-    params = executor._executor.parameters
-    assert (params["partition"], params["time"], params["gpus_per_node"], params["cpus_per_task"]) == ("gpu-long", 90, 1, 8)
-    assert params["array_parallelism"] == 4
-    sbatch = executor._executor._make_submission_file_text("python -m x", "uid")
-    for line in ("#SBATCH --partition=gpu-long", "#SBATCH --time=90", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --job-name=lens-iclgd-x",
-                 "export OMP_NUM_THREADS=8"):
-        assert line in sbatch, line
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--submit", "local", "--shard", "0/2"], "--shard and --submit exclude each other"),
-    (["--submit", "local", "--jobs", "0"], "--jobs must be an integer >= 1"),
-    (["--submit", "local", "--mem-gb", "-1"], "--mem-gb -1.0 must be a positive number"),
-])
-def test_bad_launcher_flags(tmp_path, capsys, args, message):
-    config = _grid_file(tmp_path / "g.toml", ["gemma-3-270m"], SHARED_DATA)
-    assert main(["grid", str(config), "--results", str(tmp_path / "r"), *args]) == 1
-    err = capsys.readouterr().err
-    assert message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "r" / "submitit").exists()
-
-
 def test_committed_report_regenerates_byte_for_byte(tmp_path):
     """The repository's own artifacts/report and artifacts/icl_gain: `report` on the
-    committed cells, with the command line the report names, gives every file back."""
+    committed cells with the committed manifest (its last command, run here into a
+    temporary directory) gives every file back."""
+    import tomllib
+
     committed, gain = ROOT / "artifacts" / "report", ROOT / "artifacts" / "icl_gain"
-    command = (committed / "report.md").read_text().split("```\n", 1)[1].split("\n```", 1)[0]
+    manifest = tomllib.loads((ROOT / "artifacts" / "manifest.toml").read_text())
+    assert manifest["report"]["command"] == ("lens-iclgd report artifacts/results --out artifacts/report "
+                                             "--icl-gain-out artifacts/icl_gain --manifest artifacts/manifest.toml")
     out, out_gain = tmp_path / "report", tmp_path / "icl_gain"
     out_gain.mkdir()
     shutil.copy(gain / "make_run_times.toml", out_gain)
     proc = run_cli(["report", "artifacts/results", "--out", str(out), "--icl-gain-out", str(out_gain),
-                    "--command-line", command], timeout=1200)
+                    "--manifest", "artifacts/manifest.toml"], timeout=1200)
     assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    # one command per line, every grid config of the manifest among them, and no "..." gaps
+    block = text.split("```\n", 1)[1].split("\n```", 1)[0].splitlines()
+    assert all("..." not in line and ";" not in line for line in block)
+    assert [g["command"] for g in manifest["grid"]] == block[:len(manifest["grid"])]
+    assert all((ROOT / g["config"]).is_file() for g in manifest["grid"])
     assert _tree(out) == _tree(committed)
     assert _tree(out_gain) == _tree(gain)
 
@@ -348,8 +305,10 @@ def test_finding_1_compares_baselines_on_the_same_tasks_and_counts_shared_cells_
                          row("trained", "mr", 0.90, "b"), row("untrained", "sst2", 0.20, "c")], columns=COLUMNS)
     first = findings(Collected(rows, [], 0, [], 0, 0))[0]
     # sst2 only (mr has no untrained cell): 0.10 vs 0.20; pooled over tasks it would read 0.37 vs 0.20
-    assert "the 1 task-seed pairs run for every baseline: sst2" in first
-    assert "SimAOU trained 0.100 vs No Training 0.200 -> **agrees**" in first
+    assert first.number == 1 and first.verdict == "agrees"
+    assert first.numbers == {"SimAOU_trained": pytest.approx(0.10), "SimAOU_untrained": pytest.approx(0.20)}
+    assert "the 1 task-seed pairs run for every baseline (sst2): trained 0.100 vs No Training 0.200" in first.evidence
+    assert first.markdown().endswith("-> **agrees**.") and "Rule: agrees when" in first.markdown()
 
 
 def test_table1_counts_a_trained_run_shared_by_tables_1_and_2_once():

