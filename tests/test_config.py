@@ -1,11 +1,9 @@
 """RunConfig is the one declaration of a run's settings: every field reaches the CLI, grid
 keys and the API from there; the report side loads without torch; old stages still load."""
 
-import dataclasses
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
