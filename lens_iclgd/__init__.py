@@ -19,9 +19,12 @@ Descent Revisited" (arXiv 2311.07772). Data flow, one module each:
     results   results.json, examples.csv, per_layer.parquet from the recordings
     runner    one experiment cell end to end: stages (cached), then results
     orders    order sensitivity: the same demonstrations in several orders
+    patching  activation patching at the prediction position: layers, heads, task vectors
+    causal    one cell's causal study (lens-iclgd patch): patching.json and figures
     summary   the printed tables of a run
     grid      experiment configs: every cell, resumable, shardable
     report    the paper's tables, figures and findings (reads results; no torch)
+    patch_report  the causal study's report sections (no torch)
     views     per-head / per-layer views of one run
     bench     optimised vs naive pipeline
 
@@ -50,6 +53,8 @@ _API = {
     "finetuned": "finetune", "train": "finetune", "FinetuneLog": "finetune",
     "parse_ablation": "ablation", "ablation_hooks": "ablation",
     "RunConfig": "config", "run": "runner", "run_orders": "orders", "compare": "metrics", "output_metrics": "outputs",
+    "run_patching": "causal", "last_token_activations": "patching", "patch_layers": "patching",
+    "head_indirect_effect": "patching", "task_vector_accuracy": "patching", "recovered_share": "patching",
     "load_grid": "grid", "run_grid": "grid",
     "collect": "report", "write_report": "report",
     "per_head_frame": "views", "per_layer_frame": "views", "write_views": "views", "load_results": "views",

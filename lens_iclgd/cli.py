@@ -1,6 +1,7 @@
 """The `lens-iclgd` command line.
 
     lens-iclgd run     one cell: ZS, ICL, GD, LCGD on one task/model/baseline/seed
+    lens-iclgd patch   one cell's causal study: activation patching, head patching, task vectors
     lens-iclgd grid    every cell of an experiment config (resumable, shardable; --submit slurm|local)
     lens-iclgd report  tables, figures and findings from a results directory (per model and across models)
     lens-iclgd views   per-head SimAM heatmaps and per-layer SimAOU bars of a run
@@ -57,6 +58,13 @@ def cmd_run(args) -> None:
 
     cfg = from_args(args).validate()
     out = Path(args.out) if args.out else _default_out(cfg)
+    if cfg.patching:
+        from .causal import run_patching
+        from .summary import patching_table
+
+        print(patching_table(run_patching(cfg, out)))
+        print(f"results: {out / 'patching.json'}")
+        return
     if cfg.orders > 1:
         print(orders_table(run_orders(cfg, out)))
         print(f"results: {out / 'orders.json'}")
@@ -154,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the printed metrics over all test examples, or over Dai et al.'s F2T subset (results.json has both)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("patch", help="one cell's causal study (run --patching): layer and head patching, task vectors")
+    config.add_arguments(p)
+    p.set_defaults(patching=True)
+    p.add_argument("--out", default=None, help="output directory (default runs/<task>_<model>_...)")
+    p.set_defaults(func=cmd_run, summary="all")
+
     p = sub.add_parser("views", help="per-head SimAM heatmaps and per-layer SimAOU bars of a finished run")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="directory for the PNGs (default RUN_DIR/views)")
@@ -250,7 +264,7 @@ def quiet_third_party() -> None:
 def _tune_for_device(args) -> None:
     """glibc malloc tuning is a CPU speedup: only when the command computes on the CPU
     (report, views and models never load torch)."""
-    if args.command not in ("run", "grid", "bench"):
+    if args.command not in ("run", "patch", "grid", "bench"):
         return
     from .device import resolve_device
     from .fast import tune_malloc

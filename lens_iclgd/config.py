@@ -32,7 +32,10 @@ POSITIONS = ("answer", "prompt")  # recording.py
 DEFAULT_POSITION = "answer"
 STEP_UNITS = ("demo", "token")  # finetune.py
 LOSS_REDUCTIONS = ("sum", "mean")
-DEFAULT_LOSS_REDUCTION = "sum"  # the committed cells' protocol until rates for "mean" are swept (issue 31)
+# the paper's code: each step on the demonstration's token-mean loss (GiilDe/ft-vs-icl,
+# fs_ft.py + fairseq's 1/sample_size); "sum" is the protocol of the cells committed before
+# issue 31, which say so in their configs
+DEFAULT_LOSS_REDUCTION = "mean"
 PRECISIONS = ("float32", "mixed", "train-vocab-bf16", "train-bf16", "train-icl-bf16", "bfloat16")  # precision.PRESETS
 DEFAULT_PRECISION = "float32"  # why: precision.py
 DEFAULT_DEVICE = "auto"  # device.py
@@ -57,9 +60,11 @@ class RunConfig:
     seed: int = setting(0, "picks and orders the demonstrations; seeds re-initialisation", "int")
     n_test: int = setting(2000, "test examples (the paper caps the eval split at 2000)", "int")
     lr: float | str | None = setting(
-        None, "SGD learning rate; or auto (chosen now on held-out training examples, per method; a re-initialised "
-              "baseline takes the trained model's choice); or shared (GD's chosen rate for every method) "
-              "(default: each method's chosen rate per model and task, learning_rates.toml)", "lr")
+        None, "SGD learning rate; or shared (GD's chosen rate for every method, learning_rates.toml); or own (each "
+              "method's own chosen rate); or auto (chosen now on held-out training examples, per method; a "
+              "re-initialised baseline takes the trained model's choice) (default: the paper's protocol, one rate "
+              "shared by GD and LCGD; with --loss-reduction sum, each method's own, as the committed summed-loss "
+              "cells)", "lr")
     data_dir: str | None = setting(None, "directory with <task>/<split>.jsonl (hub schema), e.g. ../shared/data")
     position: str = setting(DEFAULT_POSITION, "recorded position (default: answer, as the original code)", choices=POSITIONS)
     ablate: str = setting("", "components to ablate in every setting, e.g. 3.5,7.*,attn4,mlp2 (ablation.py)")
@@ -74,12 +79,17 @@ class RunConfig:
     step_unit: str = setting("demo", "one SGD step per demonstration (default, the paper's code) or per next-token target",
                              choices=STEP_UNITS)
     balanced: bool = setting(False, "demonstrations with an equal count per label (default: a plain random sample)", "bool")
-    loss_reduction: str = setting(DEFAULT_LOSS_REDUCTION, "each SGD step on the loss summed over the demonstration's "
-                                  "tokens (the committed cells) or their mean (the paper's code); rates differ by about "
-                                  "the token count", choices=LOSS_REDUCTIONS)
+    loss_reduction: str = setting(DEFAULT_LOSS_REDUCTION, "each SGD step on the mean of the demonstration's token "
+                                  "losses (default, the paper's code) or their sum (the cells committed before issue "
+                                  "31); rates differ by about the token count", choices=LOSS_REDUCTIONS)
     top_k: int = setting(DEFAULT_TOP_K, "K of the output metrics' top-K token overlap (outputs.py)", "int")
     orders: int = setting(1, "order sensitivity (orders.py): P >= 2 runs the same demonstrations in P orders and "
                           "reports the spread, the prediction stability and each metric's ceiling (default 1: one order)", "int")
+    patching: bool = setting(False, "the causal study instead of the similarity cell (causal.py): ICL's, GD's and "
+                             "LCGD's activations patched into ZS layer by layer, head patching on shuffled-label "
+                             "prompts, task vectors; writes patching.json (also: lens-iclgd patch)", "bool")
+    patch_heads: int = setting(50, "with --patching: test examples for head patching (n_layers x n_heads patched "
+                               "runs each; 0 skips it)", "int")
 
     def validate(self) -> "RunConfig":
         """Check types and ranges before any compute; return a normalised copy."""
@@ -98,10 +108,12 @@ class RunConfig:
         for f in fields():
             if f.metadata["kind"] == "int" and f.name != "seed":
                 check_int(f.name, getattr(self, f.name), 1 if f.name in ("k", "n_test", "batch_size", "top_k", "orders") else 0)
+        need(isinstance(self.patching, bool), f"patching must be true or false, got {self.patching!r}")
+        need(not (self.patching and self.orders > 1), "--patching and --orders exclude each other: run them as two cells")
         try:
             lr = parse_lr(self.lr)  # the words of lr_rule.LR_WORDS, or a number
         except ValueError:
-            raise UserError(f"lr must be a number > 0, \"auto\" or \"shared\", got {self.lr!r}") from None
+            raise UserError(f"lr must be a number > 0, \"shared\", \"own\" or \"auto\", got {self.lr!r}") from None
         if isinstance(lr, float):
             check_lr(lr)
         check_step_unit(self.step_unit)
@@ -121,10 +133,6 @@ class RunConfig:
             raise UserError(f"data directory {self.data_dir} does not exist: pass --data-dir with <task>/<split>.jsonl files")
         # ICL is always recorded when a finetuning method is: every metric compares to it.
         ordered = tuple(m for m in SETTINGS if m in methods or (m == "icl" and set(methods) & set(FT_METHODS)))
-        # learning_rates.toml holds rates chosen for the summed loss; mean steps are ~token-count smaller
-        need(not (self.loss_reduction != "sum" and lr in (None, "shared") and set(ordered) & set(FT_METHODS)),
-             f"--loss-reduction {self.loss_reduction} has no chosen learning rates yet (learning_rates.toml is for "
-             f"the summed loss): pass --lr <rate> or --lr auto")
         # --lr auto scores held-out training examples; 32 unless the user chose a number
         n_heldout = AUTO_HELDOUT if lr == "auto" and not self.n_heldout and set(ordered) & set(FT_METHODS) else self.n_heldout
         return dataclasses.replace(self, methods=ordered, lr=lr, n_heldout=n_heldout)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import report as R
 from .progress import fmt_time
-from . import rates
+from . import patch_report, rates
 from .costs import cost_table_markdown
 from .findings import CLAIMS, Finding
 from .icl_gain import icl_gain_body, icl_gain_table
@@ -89,6 +89,9 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
     lines += ["## Figure: per-layer SimAM_delta by depth", ""]
     lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
               if caption else ["No model has trained-model cells with GD and LCGD yet.", ""])
+    causal_lines = patch_report.crossmodel_section(results_dir, out)
+    if causal_lines:
+        lines += ["## Where the effect is carried: activation patching, per model", ""] + causal_lines
     atomic_write_text(out / "cost_table.md", cost_table_markdown(results_dir))
     lines += ["## What was run, per model", "", "Wall time per phase of every paper-scale cell: [cost_table.md](cost_table.md).", ""]
     grids = R.grid_cells(results_dir)

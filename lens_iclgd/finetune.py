@@ -124,7 +124,9 @@ class FinetuneLog:
     losses: Float[Tensor, "step layer"]  # GD: one column; LCGD: one per layer
     grad_norms: Float[Tensor, "layer step"]  # L2 norm of each layer's K/V gradient
     step_unit: str = "demo"  # a step per demonstration, or per next-token target
-    loss_reduction: str = DEFAULT_LOSS_REDUCTION  # what each step's loss (and `losses`) is: sum or mean over targets
+    # what each step's loss (and `losses`) is: sum or mean over targets. "sum" here, not the
+    # run default: a stage pickled before this field existed was trained on the summed loss
+    loss_reduction: str = "sum"
 
 
 def check_loss_reduction(loss_reduction: str) -> None:

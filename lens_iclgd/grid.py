@@ -34,7 +34,7 @@ from .config import DEFAULT_MODEL, RunConfig
 from .config import fields as config_fields
 from .device import resolve_device
 from .errors import TrainingDiverged, UserError
-from .lr_rule import AUTO_LRS, default_lr, parse_lr
+from .lr_rule import AUTO_LRS, default_lr, lr_rule_of, parse_lr
 from .models import LoadedModel, load_model, make_baseline
 from .precision import FLOAT32, policy, require_fast_bf16
 from .progress import bar, fmt_time
@@ -195,9 +195,16 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
     for name, neutral in (("step_unit", "demo"), ("balanced", False), ("loss_reduction", "sum"), ("top_k", 10), ("orders", 1)):  # hashed only when set: old ids stay valid
         if settings[name] == neutral:
             settings.pop(name)
-    if c.lr in (None, "shared") and c.ft_methods:  # the id follows learning_rates.toml, so an edit there reruns
+    if not c.ft_methods:  # an ICL-only cell trains nothing: the same cell under either loss
+        settings.pop("loss_reduction", None)
+    if not c.patching:  # hashed only for patching cells: old ids stay valid
+        settings.pop("patching")
+        settings.pop("patch_heads")
+    rule = lr_rule_of(c.lr, c.loss_reduction)
+    if rule in ("default", "shared") and c.ft_methods:  # the id follows learning_rates.toml, so an edit there reruns
         task = load_task(c.task)
-        rates = {m: default_lr(c.model, task, m, shared=c.lr == "shared")[0] for m in c.ft_methods}
+        rates = {m: default_lr(c.model, task, m, shared=rule == "shared", loss_reduction=c.loss_reduction)[0]
+                 for m in c.ft_methods}
         # one number when every method shares it (the ids of cells from before per-method rates)
         settings["lr_default"] = rates.popitem()[1] if len(set(rates.values())) == 1 else rates
     if c.lr == "auto":
@@ -208,9 +215,11 @@ def _cell_id(c: RunConfig, settings: dict[str, Any]) -> str:
         readable += f"__step-{c.step_unit}"
     if c.orders > 1:
         readable += f"__orders{c.orders}"
+    if c.patching:
+        readable += "__patching"
     if c.balanced:
         readable += "__balanced"
-    if c.loss_reduction != "sum":
+    if c.loss_reduction != "sum" and c.ft_methods:
         readable += f"__loss-{c.loss_reduction}"
     if c.ablate:
         readable += f"__ablate-{c.ablate_mode}-{c.ablate}"
@@ -250,7 +259,7 @@ def adopt_legacy_cell(results_dir: Path, c: RunConfig) -> bool:
 
 def cell_status(results_dir: Path, c: RunConfig) -> str:
     folder = results_dir / "cells" / cell_id(c)
-    if (folder / ("orders.json" if c.orders > 1 else "results.json")).exists():
+    if (folder / ("orders.json" if c.orders > 1 else "patching.json" if c.patching else "results.json")).exists():
         return "done"
     if (folder / "failed.json").exists():
         return "failed"
@@ -331,6 +340,10 @@ def run_grid(grid: GridConfig, results_dir: str | Path, shard_spec: str | None =
                 from .orders import run_orders
 
                 run_orders(c, folder, models[key], stages_dir)
+            elif c.patching:  # a causal-study cell: patching.json (causal.py)
+                from .causal import run_patching
+
+                run_patching(c, folder, models[key], stages_dir)
             else:
                 run(c, folder, loaded=models[key], stages_dir=stages_dir, trained=models[(c.model, "trained", None)],
                     trained_results=twin if c.baseline != "trained" else None)

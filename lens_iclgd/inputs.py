@@ -53,9 +53,10 @@ def prepare(config: RunConfig, loaded: LoadedModel | None = None) -> Inputs:
     """Load task data and model, build the prompts and ablation hooks; every input error
     surfaces here, before any recording or training."""
     task = load_task(config.task)
-    rule = lr_rule_of(config.lr)
+    rule = lr_rule_of(config.lr, config.loss_reduction)
     if rule in ("default", "shared"):
-        lrs = {m: default_lr(config.model, task, m, shared=rule == "shared") for m in config.ft_methods}
+        lrs = {m: default_lr(config.model, task, m, shared=rule == "shared", loss_reduction=config.loss_reduction)
+               for m in config.ft_methods}
     else:  # "auto" is resolved by auto_learning_rates once the prompts exist
         lrs = {m: (config.lr, "--lr") for m in config.ft_methods} if rule == "--lr" else {}
     train_rows = load_split(task, task.train_split, config.data_dir)

@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from . import rates, shen
+from . import patch_report, rates, shen
 from .findings import CLAIMS, Finding, unavailable
-from .lr_rule import best_lr, format_table
+from .config import LOSS_REDUCTIONS
+from .lr_rule import MEAN, SUM, best_lr, format_table
 from .store import atomic_write_bytes, atomic_write_text, read_toml
 
 METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
@@ -44,7 +45,8 @@ BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings"
 TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
 
 
-COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "ablate", "k", "n_test",
+COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "loss", "step_plain",
+           "ablate", "k", "n_test",
            "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS,
            # output-level (Shen et al.) and F2T columns; absent (NaN) in cells from before they were recorded
            "tok_zs", "tok_icl", "tok_ft", "out_top_k_overlap", "out_overlap_cosine", "out_kl", "out_js",
@@ -87,7 +89,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
         base = {
             "cell": f.parent.name, "model": c["model"], "baseline": c["baseline"], "task": Path(c["task"]).stem,
             "seed": c["seed"], "lr": c["lr"], "lr_default": _lr_rule(c) == "default", "lr_rule": _lr_rule(c),
-            "plain": _plain(c),
+            "plain": _plain(c), "loss": _loss(c), "step_plain": _step_plain(c),
             "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
             "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
             "alpha": (r.get("alpha") or {}).get("mean"),
@@ -120,6 +122,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
             failed.append({**info, "_cell": f.parent.name})
     done = {Path(c["_path"]).name for c in cells} | {f["_cell"] for f in failed}
     done |= {f.parent.name for f in results_dir.glob("cells/*/orders.json")}  # order-study cells (shen.py)
+    done |= {f.parent.name for f in results_dir.glob("cells/*/patching.json")}  # causal-study cells (patch_report.py)
     return Collected(pd.DataFrame(rows, columns=COLUMNS), cells, len(expected), failed,
                      missing=len(expected.keys() - done), stale=n_files - len(cells))
 
@@ -159,10 +162,12 @@ def _recomputed_ids(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 CHOSEN_RATES = {"default": ("default", "auto"), "shared": ("shared",)}
 
 
-def _paper_cells(rows: pd.DataFrame, rule: str = "default") -> pd.DataFrame:
+def _paper_cells(rows: pd.DataFrame, rule: str = "default", loss: str = SUM) -> pd.DataFrame:
     """Rows at the chosen learning rates (`rule`: each method's own, or "shared": GD's),
-    without ablation: what the tables, figures 2-4 and the findings are about."""
-    return rows[rows["lr_rule"].isin(CHOSEN_RATES[rule]) & rows["plain"] & (rows["ablate"] == "")]
+    of one loss reduction, without ablation: what the tables, figures 2-4 and the findings
+    are about. The summed loss by default: the committed paper-scale cells' protocol."""
+    return rows[rows["lr_rule"].isin(CHOSEN_RATES[rule]) & rows["step_plain"] & (rows["loss"] == loss)
+                & (rows["ablate"] == "")]
 
 
 def _one_row_per_run(rows: pd.DataFrame) -> pd.DataFrame:
@@ -173,9 +178,9 @@ def _one_row_per_run(rows: pd.DataFrame) -> pd.DataFrame:
                                         "plain", "ablate"])
 
 
-def _sweep_cells(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the learning-rate sweep: an explicit learning rate, no ablation."""
-    return rows[(rows["lr_rule"] == "--lr") & rows["plain"] & (rows["ablate"] == "")]
+def _sweep_cells(rows: pd.DataFrame, loss: str = SUM) -> pd.DataFrame:
+    """Rows of the learning-rate sweep of one loss reduction: an explicit learning rate, no ablation."""
+    return rows[(rows["lr_rule"] == "--lr") & rows["step_plain"] & (rows["loss"] == loss) & (rows["ablate"] == "")]
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -241,9 +246,10 @@ def table1(rows: pd.DataFrame) -> pd.DataFrame:
     return seed_table(gd, keys) if len(gd) else pd.DataFrame()
 
 
-def table2(rows: pd.DataFrame, rule: str = "default") -> pd.DataFrame:
-    """GD vs LCGD; `rule` "default": each method at its own chosen rate, "shared": at GD's."""
-    t = _paper_cells(rows, rule)[lambda r: r["baseline"] == "trained"]
+def table2(rows: pd.DataFrame, rule: str = "default", loss: str = SUM) -> pd.DataFrame:
+    """GD vs LCGD; `rule` "default": each method at its own chosen rate, "shared": at GD's;
+    `loss`: the loss reduction of the cells (never pooled)."""
+    t = _paper_cells(rows, rule, loss)[lambda r: r["baseline"] == "trained"]
     t = t[t["cell"].isin(set(t[t["method"] == "gd"]["cell"]) & set(t[t["method"] == "lcgd"]["cell"]))]
     if t.empty:
         return pd.DataFrame()
@@ -275,15 +281,15 @@ def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task, method): the lr with the best mean accuracy of that method on
     held-out training examples (ties: the largest such lr, the strongest update that does
     not hurt). Similarity metrics play no part."""
-    sweep = _sweep_cells(rows)[lambda r: r["method"].isin(["gd", "lcgd"]) & r["heldout_acc"].notna()]
-    if sweep.empty:
-        return pd.DataFrame()
     out = []
-    for (model, task, method), sub in sweep.groupby(["model", "task", "method"]):
-        by_lr = sub.groupby("lr")["heldout_acc"].mean()
-        lr = best_lr(by_lr.to_dict())
-        out.append({"model": model, "task": task, "method": method, "lr": lr, "heldout_acc": by_lr[lr],
-                    "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
+    for loss in LOSS_REDUCTIONS:  # each loss reduction's rates from its own sweep
+        sweep = _sweep_cells(rows, loss)[lambda r: r["method"].isin(["gd", "lcgd"]) & r["heldout_acc"].notna()]
+        for (model, task, method), sub in sweep.groupby(["model", "task", "method"]):
+            by_lr = sub.groupby("lr")["heldout_acc"].mean()
+            lr = best_lr(by_lr.to_dict())
+            out.append({"model": model, "loss": loss, "task": task, "method": method, "lr": lr, "heldout_acc": by_lr[lr],
+                        "seeds": sub["seed"].nunique(), "edge": lr in (by_lr.index.min(), by_lr.index.max()),
+                        "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
     return pd.DataFrame(out)
 
 
@@ -332,12 +338,19 @@ def _per_layer(cells: list[dict], method: str, metric: str) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in c["metrics"][method][metric]["per_layer"]] for c in cells])
 
 
+def _loss(c: dict) -> str:
+    return c.get("loss_reduction", SUM)  # cells from before the setting used the summed loss
+
+
+def _step_plain(c: dict) -> bool:
+    """The paper's step unit and sampling; cells with other settings stay out of the tables."""
+    return c.get("step_unit", "demo") == "demo" and not c.get("balanced", False)
+
+
 def _plain(c: dict) -> bool:
-    """A cell's config at the tables' protocol: the paper's step unit and sampling, and the
-    summed loss of the committed cells; cells with other settings stay out of the tables, so
-    no table mixes two of them."""
-    return (c.get("step_unit", "demo") == "demo" and not c.get("balanced", False)
-            and c.get("loss_reduction", "sum") == "sum")
+    """A cell's config at the summed-loss tables' protocol (the committed paper-scale cells):
+    the paper's step unit and sampling and the summed loss; no table mixes two protocols."""
+    return _step_plain(c) and _loss(c) == SUM
 
 
 def _table2_cells(coll: Collected) -> list[dict]:
@@ -623,14 +636,20 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
         lines += [f"Models: {', '.join(models)}; k (effective): {', '.join(map(str, ks))}; test examples per cell: "
                   f"{', '.join(map(str, ns))}.", ""]
 
-    sections = [("Table 1: vanilla GD against the model baselines", "table1", table1(coll.rows) if not coll.rows.empty else pd.DataFrame()),
-                ("Table 2: GD vs LCGD on the trained model, each method at its own chosen learning rate", "table2",
-                 table2(coll.rows) if not coll.rows.empty else pd.DataFrame()),
-                ("Table 2 (shared rate): GD vs LCGD on the trained model, both at GD's chosen learning rate", "table2_shared",
-                 table2(coll.rows, "shared") if not coll.rows.empty else pd.DataFrame())]
+    empty = coll.rows.empty
+    sections = [("Table 2 at the paper's protocol: GD vs LCGD on the trained model, token-mean loss, one rate shared by "
+                 "both (GD's chosen rate)", "table2_paper", table2(coll.rows, "shared", MEAN) if not empty else pd.DataFrame()),
+                ("Table 2 (token-mean loss, each method at its own chosen rate)", "table2_mean_own",
+                 table2(coll.rows, "default", MEAN) if not empty else pd.DataFrame()),
+                ("Table 1: vanilla GD against the model baselines (summed loss)", "table1",
+                 table1(coll.rows) if not empty else pd.DataFrame()),
+                ("Table 2 (summed loss): GD vs LCGD on the trained model, each method at its own chosen learning rate",
+                 "table2", table2(coll.rows) if not empty else pd.DataFrame()),
+                ("Table 2 (summed loss, shared rate): GD vs LCGD on the trained model, both at GD's chosen learning rate",
+                 "table2_shared", table2(coll.rows, "shared") if not empty else pd.DataFrame())]
     for title, name, table in sections:
-        if name == "table2_shared" and table.empty:
-            continue  # only when cells were run with lrs = ["shared"]
+        if name in ("table2_paper", "table2_mean_own", "table2_shared") and table.empty:
+            continue  # only where such cells were run
         lines += [f"## {title}", ""]
         if table.empty:
             lines += ["No finished cells for this table.", ""]
@@ -638,10 +657,14 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
         atomic_write_text(out / f"{name}.md", _markdown(table) + "\n")
         atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         regime = {"table1": "GD at its chosen learning rate", "table2": "each method at its own chosen learning rate",
-                  "table2_shared": "both methods at GD's chosen learning rate"}[name]
+                  "table2_shared": "both methods at GD's chosen learning rate",
+                  "table2_paper": "both methods at GD's chosen learning rate",
+                  "table2_mean_own": "each method at its own chosen learning rate"}[name]
+        loss = ("the mean of the demonstration's token losses (the paper's code)" if name.startswith("table2_")
+                and name != "table2_shared" else "loss summed over the demonstration's tokens (before issue 31)")
         lines += [_markdown(table), "", f"Cells: mean ± std over seeds (metrics: mean over layers). Learning rates: "
-                  f"{regime} (learning_rates.toml, or --lr auto in the cell); loss summed over the demonstration's "
-                  "tokens; rows of output metrics and F2T only where the cells recorded them.", ""]
+                  f"{regime} (learning_rates.toml, or --lr auto in the cell); {loss}; rows of output metrics and F2T "
+                  "only where the cells recorded them.", ""]
 
     ablations = ablation_table(coll.rows) if not coll.rows.empty else pd.DataFrame()
     if not ablations.empty:
@@ -655,10 +678,13 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
         header = "Chosen by: per method, the best mean accuracy of that method on held-out training examples (ties: largest lr)."
         atomic_write_text(out / "chosen_learning_rates.toml", format_table(lrs.to_dict("records"), header))
         lines += ["## Learning rates chosen from the sweep", "",
-                  "Rule: per task and method, the learning rate with the best mean accuracy of that method on training "
-                  "examples held out from the demonstrations (ties: the largest); similarity metrics play no part.", "",
-                  "| model | task | method | lr | held-out acc | curve (lr: acc) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r.model} | {r.task} | {r.method.upper()} | {r.lr:g} | {r.heldout_acc:.3f} | {r.curve} |" for r in lrs.itertuples()]
+                  "Rule: per loss reduction, task and method, the learning rate with the best mean accuracy of that method "
+                  "on training examples held out from the demonstrations (ties: the largest), over the seeds swept; "
+                  "similarity metrics play no part. A rate at either end of its sweep is marked *edge*: the best may lie "
+                  "outside.", "",
+                  "| model | loss | task | method | lr | held-out acc | seeds | curve (lr: acc) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.model} | {r.loss} | {r.task} | {r.method.upper()} | {r.lr:g}{' (edge)' if r.edge else ''} | "
+                  f"{r.heldout_acc:.3f} | {r.seeds} | {r.curve} |" for r in lrs.itertuples()]
         lines.append("")
 
     figures = [("fig2_alpha.png", lambda p: fig_alpha(coll.rows, p)), ("fig3_per_layer.png", lambda p: fig_per_layer(coll, p)),
@@ -676,6 +702,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
     if shen_lines:
         lines += ["## Shen et al.: order sensitivity and output-level comparisons", "",
                   "Rules: " + " ".join(line.strip() for line in shen.__doc__.split("\n\n")[1].splitlines()), ""] + shen_lines
+    causal_lines = patch_report.section(results_dir, model, out)
+    if causal_lines:
+        lines += ["## Where the effect is carried: activation patching", ""] + causal_lines
     lines += ["## Findings (docs/protocol.md) against these results", ""] + [f.markdown() for f in findings(coll)] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 
 def _lr_text(c: dict) -> str:
+    """The rates and how they were set: "3e-04 (shared, mean loss)", "GD 1e-05, LCGD 3e-06 (own, sum loss)"."""
     lrs = c.get("lr_by_method") or {}
+    rule = {"default": "own"}.get(c.get("lr_rule"), c.get("lr_rule"))
+    how = f" ({rule}, {c.get('loss_reduction', 'sum')} loss)" if rule else ""
     if len(set(lrs.values())) > 1:
-        return ", ".join(f"{m.upper()} {lr:g}" for m, lr in lrs.items()) + f" ({c['lr_rule']})"
-    return format(c["lr"], "g") if isinstance(c["lr"], (int, float)) else "-"
+        return ", ".join(f"{m.upper()} {lr:g}" for m, lr in lrs.items()) + how
+    return (format(c["lr"], "g") if isinstance(c["lr"], (int, float)) else "-") + how
 
 
 def summary_table(results: dict, subset: str = "all") -> str:
@@ -69,4 +72,33 @@ def orders_table(summary: dict) -> str:
         v = metrics["SimAM_delta"]
         lines.append(f"ceiling {m.upper()} vs {m.upper()} (another order) SimAM_delta: mean {v['mean']:.3f} "
                      f"(min {v['min']:.3f}, max {v['max']:.3f}); SimAOU {metrics['SimAOU']['mean']:.3f}")
+    return "\n".join(lines)
+
+
+def patching_table(result: dict) -> str:
+    """The causal study's printed summary: per source, where its effect is recovered."""
+    c, layers = result["config"], result["layers"]
+    lrs = ", ".join(f"{m.upper()} {lr:g}" for m, lr in (c.get("lr_by_method") or {}).items())
+    lines = [f"task {c['task']} | model {c['model']} ({c['baseline']}) | k {c['k_effective']} | n_test {result['n_test']} "
+             f"| seed {c['seed']} | lr {lrs} ({c['lr_rule']}, {c['loss_reduction']} loss) | prediction position",
+             "accuracy: ZS " + f"{result['zs_accuracy'] * 100:.1f}%  "
+             + "  ".join(f"{s.upper()} {v['accuracy'] * 100:.1f}%" for s, v in layers.items()),
+             f"{'recovered share (best layer)':<30}" + "".join(f"{s.upper():>16}" for s in layers)]
+    for comp in ("resid_pre", "attn_out", "mlp_out"):
+        cells = []
+        for v in layers.values():
+            share = [x for x in v[comp]["recovered_share"]]
+            defined = [(x, l) for l, x in enumerate(share) if x is not None]
+            cells.append(f"{max(defined)[0]:.2f} (L{max(defined)[1]})" if defined else "n/a")
+        lines.append(f"{comp:<30}" + "".join(f"{x:>16}" for x in cells))
+    for comp, pairs in result["overlap"].items():
+        lines.append(f"overlap of profiles, {comp}: " + ", ".join(
+            f"{k.upper()} {'n/a' if v is None else f'{v:+.2f}'}" for k, v in pairs.items()))
+    for s, tv in result["task_vectors"].items():
+        lines.append(f"task vector ({s.upper()} mean resid_pre): best layer {tv['best_layer']}, accuracy "
+                     f"{tv['best_accuracy'] * 100:.1f}%")
+    for s, h in result["heads"].items():
+        if isinstance(h, dict):
+            top = ", ".join(f"L{t['layer']}H{t['head']} {t['indirect_effect']:+.3f}" for t in h["top"][:5])
+            lines.append(f"top heads ({s.upper()} mean output, {result['n_head_examples']} examples): {top}")
     return "\n".join(lines)

@@ -66,7 +66,8 @@ CASES = {
     "k larger than pool": (lambda tmp, m: ["--task", _bad_task(tmp), "--model", m, "--k", "50"], "more than the 20 training examples"),
     "bad ablation": (lambda tmp, m: ["--ablate", "3:5"], "cannot parse ablation"),
     "ablation out of range": (lambda tmp, m: [*SST2, "--model", m, "--ablate", "9.0"], "has layers 0..1"),
-    "nan during training": (lambda tmp, m: [*SST2, "--model", m, "--lr", "1e38", "--k", "2"], "loss became"),
+    "nan during training": (lambda tmp, m: [*SST2, "--model", m, "--lr", "1e38", "--k", "2", "--loss-reduction", "sum"],
+                            "loss became"),  # the summed loss: its step at 1e38 is sure to overflow
     "device not present": (lambda tmp, m: ["--device", "cuda:7"], "is not available here"),
     "unknown device": (lambda tmp, m: ["--device", "abacus"], "unknown device 'abacus'"),
     "unknown precision": (lambda tmp, m: ["--precision", "half"], "invalid choice: 'half'"),

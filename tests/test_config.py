@@ -47,15 +47,16 @@ def test_command_line_values_reach_the_config():
     values = {"task": "sst2", "model": "m", "baseline": "untrained", "methods": "icl,gd", "k": "7", "seed": "3",
               "n_test": "11", "lr": "0.002", "data_dir": "d", "position": "prompt", "ablate": "1.0", "ablate_mode": "mean",
               "n_heldout": "5", "batch_size": "4", "precision": "mixed", "device": "cpu", "step_unit": "token",
-              "balanced": None, "loss_reduction": "mean", "top_k": "3", "orders": "4"}
+              "balanced": None, "loss_reduction": "sum", "top_k": "3", "orders": "4", "patching": None,
+              "patch_heads": "7"}
     assert set(values) == {f.name for f in FIELDS if f.metadata["cli"]}, "a new field needs a value here"
     argv = ["run"] + [x for k, v in values.items() for x in ([flag(k)] if v is None else [flag(k), v])]
     c = config.from_args(build_parser().parse_args(argv))
     assert c == RunConfig(task="sst2", model="m", baseline="untrained", methods=("icl", "gd"), k=7, seed=3, n_test=11,
                           lr=0.002, data_dir="d", position="prompt", ablate="1.0", ablate_mode="mean", n_heldout=5,
                           batch_size=4, precision="mixed", device="cpu", step_unit="token", balanced=True,
-                          loss_reduction="mean", top_k=3, orders=4)
-    for word, value in (("default", None), ("shared", "shared"), ("auto", "auto")):
+                          loss_reduction="sum", top_k=3, orders=4, patching=True, patch_heads=7)
+    for word, value in (("default", None), ("own", "own"), ("shared", "shared"), ("auto", "auto")):
         assert config.from_args(build_parser().parse_args(["run", "--lr", word])).lr == value
 
 

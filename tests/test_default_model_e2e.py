@@ -36,8 +36,10 @@ def test_make_run_cell_end_to_end(tmp_path):
     assert c["model_checksum_sha256"].startswith("1d9614638d18") and c["kv_bias_trained"] is True
     assert set(r["accuracy"]) == {"zs", "icl", "gd", "lcgd"}
     for method in ("gd", "lcgd"):
-        # no --lr: each method's chosen rate for the default model and task, and where it is from
-        assert (c["lr_by_method"][method], c["lr_source_by_method"][method]) == default_lr(DEFAULT_MODEL, load_task("rt_snippets"), method)
+        # no --lr: the paper's protocol, GD's chosen token-mean-loss rate shared by both, and where it is from
+        assert c["loss_reduction"] == "mean" and c["lr_rule"] == "shared"
+        assert (c["lr_by_method"][method], c["lr_source_by_method"][method]) == default_lr(
+            DEFAULT_MODEL, load_task("rt_snippets"), method, shared=True, loss_reduction="mean")
         assert len(r["metrics"][method]["SimAOU"]["per_layer"]) == 24
         assert all(len(row) == 4 for row in r["grad_norms"][method])
     assert "accuracy: ZS" in proc.stdout and "results:" in proc.stdout

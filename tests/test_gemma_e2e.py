@@ -59,3 +59,35 @@ def test_gemma_cli_end_to_end(tmp_path):
     assert len(examples) == 8 and {"zs_pred", "icl_pred", "gd_pred", "lcgd_pred"} <= set(examples.columns)
     assert (examples["icl_correct"].mean() - r["accuracy"]["icl"]) ** 2 < 1e-12
     assert len(pd.read_parquet(out / "per_layer.parquet")) == 2 * 8 * 18
+
+
+def test_gemma_patching_cached_paths_equal_full_forwards(gemma):
+    """The patching fast paths on the real model, with 32 demonstrations: past gemma-3's
+    512-token sliding window, with its per-layer rotary bases and one K/V head."""
+    from lens_iclgd import patching as P
+    from lens_iclgd.patching import COMPONENTS, component_hook, z_hook
+
+    rows = {s: read_jsonl(TEST_DATA / "sst2" / f"{s}.jsonl", 200) for s in ("train", "validation")}
+    task = load_task("sst2")
+    p = build_prompts(gemma.model, task, rows["train"], rows["validation"], k=32, seed=0, n_test=2)
+    model, prefix = gemma.model, p.icl_prefix()
+    assert len(prefix) > 512  # the sliding window is in play
+    icl = P.last_token_activations(model, prefix, p.queries, p.options, with_z=True)
+    for i, q in enumerate(p.queries):
+        logits, cache = model.run_with_cache(torch.tensor([prefix + q.prompt]))
+        for l in (0, 5, 17):
+            for c in COMPONENTS:
+                assert torch.allclose(icl.component(c)[i, l], cache[component_hook(c, l)][0, -1], atol=2e-3, rtol=1e-3)
+            assert torch.allclose(icl.z[i, l], cache[z_hook(l)][0, -1], atol=2e-3, rtol=1e-3)
+        assert torch.allclose(icl.option_logits[i], logits[0, -1, [o[0] for o in p.options]], atol=2e-3)
+    first = P.LastToken(icl.resid_pre[:1], icl.attn_out[:1], icl.mlp_out[:1], icl.option_logits[:1], icl.labels[:1])
+    fast = P.patch_layers(model, p.queries[:1], p.options, first, prefix=p.zs_prefix())
+    ref = P.patch_layers_reference(model, p.queries[:1], p.options, first, prefix=p.zs_prefix())
+    for c in COMPONENTS:
+        assert torch.allclose(fast[c]["logit_diff"], ref[c]["logit_diff"], atol=2e-3)
+    shuffled = P.shuffled_label_demos(p, task, rows["train"], model, seed=0)
+    corrupted = list(p.bos) + [t for d in shuffled for t in d + p.separator]
+    mean_z = icl.z.mean(0)
+    heads = P.head_indirect_effect(model, corrupted, p.queries[:1], p.options, mean_z)
+    heads_ref = P.head_indirect_effect_reference(model, corrupted, p.queries[:1], p.options, mean_z)
+    assert torch.allclose(heads, heads_ref, atol=1e-3)

@@ -137,7 +137,8 @@ def test_changed_settings_never_reuse_stale_cells(tmp_path, tiny_hf_dir):
 
 
 def test_diverging_cell_is_recorded_and_the_others_finish(tmp_path, tiny_hf_dir):
-    config = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01, 1e38])
+    # the summed loss: its step at 1e38 is ~token-count larger than the mean's, sure to overflow
+    config = _grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01, 1e38], loss_reduction="sum")
     results = tmp_path / "r"
     out = run_cli(["grid", str(config), "--results", str(results)])
     assert out.returncode == 0, out.stderr
@@ -173,15 +174,16 @@ def test_default_lr_cells_follow_the_learning_rate_table(tmp_path, monkeypatch, 
     """A cell run with lrs = ["default"] must not be reused after learning_rates.toml changes."""
     from lens_iclgd import lr_rule
 
-    grid = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"]))
-    (cell,) = cells(grid)
     table = tmp_path / "learning_rates.toml"
     monkeypatch.setattr(lr_rule, "LEARNING_RATES_FILE", table)
-    ids = []
-    for lr in (0.01, 0.02, 0.01):
-        table.write_text(f'["{cell.model}"]\nsst2 = {lr}\n')
-        ids.append(cell_id(cell))
-    assert ids[0] != ids[1] and ids[0] == ids[2]
+    for loss, section in (("sum", ""), ("mean", "mean.")):  # each loss follows its own table
+        grid = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"], loss_reduction=loss))
+        (cell,) = cells(grid)
+        ids = []
+        for lr in (0.01, 0.02, 0.01):
+            table.write_text(f'[{section}"{cell.model}"]\nsst2 = {lr}\n')
+            ids.append(cell_id(cell))
+        assert ids[0] != ids[1] and ids[0] == ids[2]
 
 
 def test_ablation_sweep_report_table(tmp_path, tiny_hf_dir):
@@ -255,20 +257,20 @@ def test_loss_reduction_is_a_grid_key_and_enters_ids_only_when_mean(tmp_path, ti
     plain = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01]))
     explicit = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], loss_reduction="sum"))
     mean = load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], loss_reduction="mean"))
+    icl_only = [load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], methods=["icl"], loss_reduction=loss))
+                for loss in ("sum", "mean")]
     (c0,), (c_sum,), (c_mean,) = cells(plain), cells(explicit), cells(mean)
-    assert cell_id(c_sum) == cell_id(c0)  # the committed (summed-loss) cells keep their ids
-    assert c_mean.loss_reduction == "mean" and "__loss-mean__" in cell_id(c_mean) and cell_id(c_mean) != cell_id(c0)
+    assert c0.loss_reduction == "mean" and cell_id(c0) == cell_id(c_mean)  # the paper's token-mean loss by default
+    assert "__loss-mean__" in cell_id(c_mean) and "__loss-" not in cell_id(c_sum)  # the summed-loss cells keep their ids
+    assert cell_id(cells(icl_only[0])[0]) == cell_id(cells(icl_only[1])[0])  # nothing trained: one cell either way
     with pytest.raises(UserError, match="unknown loss reduction 'avg'"):
         load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=[0.01], loss_reduction="avg"))
-    with pytest.raises(UserError, match="--loss-reduction mean has no chosen learning rates yet"):
-        load_grid(_grid_file(tmp_path, tiny_hf_dir, seeds=[0], lrs=["default"], loss_reduction="mean"))
     # through the CLI: recorded in results.json; the ZS/ICL stages are shared, the finetuned ones are not
     out = tmp_path / "runs"
     base = ["run", "--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(TEST_DATA), "--k", "3",
             "--n-test", "6", "--lr", "0.01", "--methods", "gd"]
-    assert cli_in_process([*base, "--out", str(out / "sum")], capsys)[0] == 0
-    code, stdout, _ = cli_in_process([*base, "--loss-reduction", "mean", "--out", str(out / "mean"),
-                                      ], capsys)
+    assert cli_in_process([*base, "--loss-reduction", "sum", "--out", str(out / "sum")], capsys)[0] == 0
+    code, stdout, _ = cli_in_process([*base, "--out", str(out / "mean")], capsys)
     assert code == 0
     r_sum, r_mean = (json.loads((out / n / "results.json").read_text()) for n in ("sum", "mean"))
     assert (r_sum["config"]["loss_reduction"], r_mean["config"]["loss_reduction"]) == ("sum", "mean")

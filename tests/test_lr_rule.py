@@ -45,6 +45,24 @@ def test_each_method_gets_its_own_rate_else_gd_rate_with_its_source(table):
     assert default_lr("other", cb, "lcgd") == (cb.paper_lr, "paper (1.3B model)")
 
 
+def test_the_token_mean_loss_has_its_own_table_and_falls_back_to_the_papers_rate(table):
+    sst2, mr = load_task("sst2"), load_task("mr")
+    table.write_text('["m".gd]\nsst2 = 0.01\n\n[mean."m".gd]\nsst2 = 0.3\n\n[mean."m".lcgd]\nsst2 = 0.1\n')
+    assert default_lr("m", sst2, "gd", loss_reduction="mean") == (0.3, "learning_rates.toml [mean] [m.gd]")
+    assert default_lr("m", sst2, "lcgd", loss_reduction="mean")[0] == 0.1
+    assert default_lr("m", sst2, "lcgd", shared=True, loss_reduction="mean")[0] == 0.3
+    # the summed loss's table never serves the mean, nor the mean's the sum
+    assert default_lr("m", sst2, "gd") == (0.01, "learning_rates.toml [m.gd]")
+    assert default_lr("m", mr, "gd", loss_reduction="mean") == (mr.paper_lr, "paper (1.3B model, token-mean loss)")
+
+
+def test_no_rate_given_means_shared_under_the_mean_loss_and_own_under_the_sum():
+    assert lr_rule.lr_rule_of(None, "mean") == "shared" and lr_rule.lr_rule_of(None, "sum") == "default"
+    assert lr_rule.lr_rule_of("own", "mean") == "default" == lr_rule.lr_rule_of("own", "sum")
+    assert lr_rule.lr_rule_of(1e-3, "mean") == "--lr" and lr_rule.lr_rule_of("auto", "sum") == "auto"
+    assert RunConfig().loss_reduction == "mean"  # the paper's code is the default
+
+
 def test_custom_task_without_a_rate_points_at_lr_auto(table, tmp_path):
     task_file = tmp_path / "t.toml"
     task_file.write_text('name = "t"\ntemplate = "Text: {text} Label:"\nanswers = ["a", "b"]\n[files]\ntrain = "x.jsonl"\nvalidation = "x.jsonl"\n')
@@ -66,21 +84,28 @@ def test_choose_learning_rates_per_method_and_the_toml_round_trip():
         for lr, per_seed in curve.items():
             for seed, a in enumerate(per_seed):
                 rows.append({"model": "m", "task": "sst2", "seed": seed, "lr": lr, "lr_rule": "--lr", "plain": True,
-                             "ablate": "", "method": method, "heldout_acc": a})
+                             "loss": "sum", "step_plain": True, "ablate": "", "method": method, "heldout_acc": a})
     rows.append({**rows[0], "lr_rule": "default", "heldout_acc": 1.0})  # not a sweep cell: ignored
+    # a token-mean-loss sweep of the same task: chosen apart (GD best at 3e-3), never pooled with the sum's
+    rows += [{**rows[0], "loss": "mean", "plain": False, "lr": lr, "heldout_acc": a}
+             for lr, a in ((1e-3, 0.5), (3e-3, 0.9), (1e-2, 0.2))]
     chosen = choose_learning_rates(pd.DataFrame(rows))
-    got = {r.method: (r.lr, r.heldout_acc) for r in chosen.itertuples()}
+    got = {r.method: (r.lr, r.heldout_acc) for r in chosen.itertuples() if r.loss == "sum"}
     assert got["gd"] == (1e-4, pytest.approx(0.75))
     assert got["lcgd"] == (3e-4, pytest.approx(0.6))  # tie 1e-5 / 3e-4: the largest
+    mean = chosen[chosen["loss"] == "mean"]
+    assert mean[["method", "lr", "heldout_acc", "seeds", "edge"]].values.tolist() == [["gd", 3e-3, 0.9, 1, False]]
+    assert chosen.set_index(["loss", "method"]).loc[("sum", "lcgd"), "edge"]  # 3e-4 is its sweep's top
 
     text = format_table(chosen.to_dict("records"), "chosen here")
     parsed = tomllib.loads(text)
     for method, (lr, _) in got.items():
         assert chosen_rate(parsed, "m", "sst2", method) == (lr, f"[m.{method}]")
+    assert chosen_rate(parsed["mean"], "m", "sst2", "gd") == (3e-3, "[m.gd]")
 
 
 def test_cell_ids_follow_each_methods_rate(table, tiny_hf_dir):
-    base = RunConfig(task="sst2", model=str(tiny_hf_dir), methods=("gd", "lcgd"))
+    base = RunConfig(task="sst2", model=str(tiny_hf_dir), methods=("gd", "lcgd"), loss_reduction="sum")
     table.write_text(f'["{tiny_hf_dir}"]\nsst2 = 0.01\n')
     flat = cell_id(base)
     table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n')
@@ -96,12 +121,23 @@ def test_cell_ids_follow_each_methods_rate(table, tiny_hf_dir):
 def test_results_record_the_rate_of_each_method(table, tiny_hf_dir):
     table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n["{tiny_hf_dir}".lcgd]\nsst2 = 0.003\n')
     loaded = load_model(str(tiny_hf_dir))
-    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=2, n_test=4, data_dir=str(TEST_DATA))
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=2, n_test=4, data_dir=str(TEST_DATA), loss_reduction="sum")
     own = run(cfg, None, loaded)["config"]
     assert own["lr_by_method"] == {"gd": 0.01, "lcgd": 0.003} and own["lr"] == 0.01 and own["lr_rule"] == "default"
     assert own["lr_source_by_method"]["lcgd"].endswith("[{}.lcgd]".format(tiny_hf_dir))
     shared = run(RunConfig(**{**cfg.__dict__, "lr": "shared"}), None, loaded)["config"]
     assert shared["lr_by_method"] == {"gd": 0.01, "lcgd": 0.01} and shared["lr_rule"] == "shared"
+
+
+def test_the_default_run_is_the_papers_protocol_mean_loss_and_one_shared_rate(table, tiny_hf_dir):
+    table.write_text(f'["{tiny_hf_dir}".gd]\nsst2 = 0.01\n[mean."{tiny_hf_dir}".gd]\nsst2 = 0.2\n'
+                     f'[mean."{tiny_hf_dir}".lcgd]\nsst2 = 0.05\n')
+    loaded = load_model(str(tiny_hf_dir))
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=2, n_test=4, data_dir=str(TEST_DATA))
+    paper = run(cfg, None, loaded)["config"]
+    assert (paper["loss_reduction"], paper["lr_rule"], paper["lr_by_method"]) == ("mean", "shared", {"gd": 0.2, "lcgd": 0.2})
+    own = run(RunConfig(**{**cfg.__dict__, "lr": "own"}), None, loaded)["config"]
+    assert (own["lr_rule"], own["lr_by_method"]) == ("default", {"gd": 0.2, "lcgd": 0.05})
 
 
 def _sst2_prompts(loaded):
@@ -133,7 +169,7 @@ def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
         assert results["heldout_accuracy"][method] == pytest.approx(best)
     assert c["lr_rule"] == "auto"
     # a cell at the rates it chose itself is a Table 2 cell (each method at its own chosen rate)
-    t2 = table2(collect(tmp_path / "run").rows).set_index("row")
+    t2 = table2(collect(tmp_path / "run").rows, "default", "mean").set_index("row")  # a token-mean-loss cell
     assert t2.loc["accuracy — LCGD", "mean_mean"] == pytest.approx(results["accuracy"]["lcgd"])
     # the chosen rate's stage is the sweep's: a rerun reuses all of them
     again = run(cfg, tmp_path / "run", loaded, auto_lrs=lrs)
@@ -166,14 +202,18 @@ def test_table2_at_own_and_at_shared_rates_keeps_the_cells_apart():
             for method, acc in (("gd", 0.7), ("lcgd", lcgd_acc)):
                 rows.append({c: None for c in COLUMNS} | {
                     "cell": f"{rule}-{task}", "model": "m", "baseline": "trained", "task": task, "seed": 0,
-                    "lr_rule": rule, "lr_default": rule == "default", "plain": True, "ablate": "", "method": method,
+                    "lr_rule": rule, "lr_default": rule == "default", "plain": True, "loss": "sum", "step_plain": True,
+                    "ablate": "", "method": method,
                     "acc_zs": 0.5, "acc_icl": 0.5, "acc_ft": acc, "SimAOU": 0.1})
     # a cell with another step unit (or balanced demonstrations) stays out of the table
-    rows += [{**r, "cell": "token-mr", "plain": False, "acc_ft": 0.0} for r in rows[:2]]
+    rows += [{**r, "cell": "token-mr", "plain": False, "step_plain": False, "acc_ft": 0.0} for r in rows[:2]]
+    # and a token-mean-loss cell stays out of the summed loss's tables, and they out of its
+    rows += [{**r, "cell": "mean-mr", "plain": False, "loss": "mean", "acc_ft": 0.9} for r in rows[:2]]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     own, shared = table2(frame), table2(frame, "shared")
     lcgd = lambda t: t.set_index("row").loc["accuracy — LCGD", "mean_mean"]
     assert lcgd(own) == pytest.approx(0.6) and lcgd(shared) == pytest.approx(0.4)
+    assert lcgd(table2(frame, "default", "mean")) == pytest.approx(0.9)
 
 
 def test_lr_auto_on_a_reinitialised_baseline_takes_the_trained_models_rates(tiny_hf_dir, tmp_path):

@@ -107,8 +107,10 @@ def two_model_results(tmp_path_factory, tiny_hf_dir, second_hf_dir):
     is deleted afterwards (a clean clone has no data)."""
     root = tmp_path_factory.mktemp("two_models")
     data = _data_copy(root / "data")
+    # the summed loss, each method at its own rate: the protocol of the committed paper-scale
+    # cells, which the Table 1 / Table 2 / cross-model pipeline reports
     config = grid_file(root / "two.toml", [tiny_hf_dir, second_hf_dir], data, name="two",
-                        baselines=["trained", "untrained"])
+                        baselines=["trained", "untrained"], loss_reduction="sum")
     results = root / "results"
     out = run_cli(["grid", str(config), "--results", str(results)], timeout=1800)  # 8 cells; slow on a busy machine
     assert out.returncode == 0, out.stderr
@@ -298,7 +300,7 @@ def test_finding_1_compares_baselines_on_the_same_tasks_and_counts_shared_cells_
 
     def row(baseline, task, simaou, cell):
         return {**dict.fromkeys(COLUMNS), "cell": cell, "model": "m", "baseline": baseline, "task": task, "seed": 0,
-                "method": "gd", "lr": 1e-5, "lr_rule": "default", "plain": True, "ablate": "", "k": 32, "n_test": 10,
+                "method": "gd", "lr": 1e-5, "lr_rule": "default", "plain": True, "loss": "sum", "step_plain": True, "ablate": "", "k": 32, "n_test": 10,
                 "SimAOU": simaou, "SimAOU_norm": simaou + 0.01}
 
     rows = pd.DataFrame([row("trained", "sst2", 0.10, "a"), row("trained", "sst2", 0.10, "a-table1"),  # shared GD
@@ -316,7 +318,7 @@ def test_table1_counts_a_trained_run_shared_by_tables_1_and_2_once():
 
     def row(seed, simaou, cell, alpha=None):
         return {**dict.fromkeys(COLUMNS), "cell": cell, "model": "m", "baseline": "trained", "task": "sst2",
-                "seed": seed, "method": "gd", "lr": 1e-5, "lr_rule": "auto", "plain": True, "ablate": "", "k": 32,
+                "seed": seed, "method": "gd", "lr": 1e-5, "lr_rule": "auto", "plain": True, "loss": "sum", "step_plain": True, "ablate": "", "k": 32,
                 "n_test": 10, "SimAOU": simaou, "alpha": alpha}
 
     # seed 0's GD is in its Table 2 cell (with LCGD's alpha) and again in its Table 1 cell

@@ -1,0 +1,187 @@
+"""The report sections of the causal study (patching cells: grids with `patching = true`,
+causal.py): where ICL's effect on the prediction is carried, and whether GD's and LCGD's
+are carried at the same layers. No torch (report side).
+
+Per model, from every finished patching cell (one per task):
+- the depth at which each source's effect has *arrived* at the prediction position: the
+  first layer whose `resid_pre`, patched alone, recovers at least half of the effect,
+  on the normalised depth axis (0 first layer, 1 last);
+- where the layers that *write* it sit: the centre of mass of the positive recovered share
+  of single-layer `attn_out` and `mlp_out` patches (causal.centre_of_mass);
+- the overlap of ICL's profile with GD's and LCGD's: the Pearson correlation of the
+  per-layer recovered shares (causal.profile_overlap), for attn_out and mlp_out (resid_pre
+  profiles rise with depth for any source, so their correlation says little);
+- task vectors: the best layer and its accuracy; head patching: the top heads.
+
+Rule for the verdict, per model and finetuning method: the mean over tasks of the
+attn_out and mlp_out overlaps with ICL. At or above 0.5: "carried where ICL's is";
+below 0.2: "not carried where ICL's is"; between: "partly where ICL's is".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SAME, APART = 0.5, 0.2  # the verdict's thresholds on the mean profile overlap
+RULE = (f"per model and finetuning method, the mean over tasks of the attn_out and mlp_out overlaps with ICL's "
+        f"profiles: at or above {SAME}, \"carried where ICL's is\"; below {APART}, \"not carried where ICL's is\"; "
+        "between, \"partly where ICL's is\".")
+WRITERS = ("attn_out", "mlp_out")
+
+
+def patching_cells(results_dir: str | Path, model: str | None = None) -> list[dict[str, Any]]:
+    """Every finished patching cell (cells/*/patching.json), with its wall time."""
+    out = []
+    for f in sorted(Path(results_dir).glob("cells/*/patching.json")):
+        cell = json.loads(f.read_text())
+        if model is not None and cell["config"]["model"] != model:
+            continue
+        timings = f.parent / "patching_timings.json"
+        # the compute: every phase's seconds as measured when it was computed (a rerun that
+        # reuses stages has a short `total` of its own)
+        phases = json.loads(timings.read_text()) if timings.exists() else {}
+        cell["_seconds"] = sum(v for k, v in phases.items() if k not in ("total", "machine")) or None
+        out.append(cell)
+    return out
+
+
+def arrival_depth(profile: list[float | None], threshold: float = 0.5) -> float | None:
+    """First layer whose recovered share reaches `threshold`, as a share of the depth."""
+    for l, v in enumerate(profile):
+        if v is not None and v >= threshold:
+            return l / max(len(profile) - 1, 1)
+    return None
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def model_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per finetuning method: the mean overlap with ICL (the verdict's number), and per
+    source the mean arrival depth and writer depths, over the model's tasks."""
+    methods = sorted({m for c in cells for m in c["layers"] if m != "icl"})
+    out: dict[str, Any] = {"tasks": len(cells), "methods": {}}
+    for m in methods:
+        per_task = [_mean([c["overlap"][w].get(f"icl-{m}") for w in WRITERS]) for c in cells if m in c["layers"]]
+        mean = _mean(per_task)
+        verdict = ("not available" if mean is None else "carried where ICL's is" if mean >= SAME
+                   else "not carried where ICL's is" if mean < APART else "partly where ICL's is")
+        out["methods"][m] = {"overlap": mean, "verdict": verdict, "n_tasks": sum(v is not None for v in per_task)}
+    out["depth"] = {s: {"arrival": _mean([arrival_depth(c["layers"][s]["resid_pre"]["recovered_share"]) for c in cells
+                                          if s in c["layers"]]),
+                        **{w: _mean([c["depth"][s][w] for c in cells if s in c["depth"]]) for w in WRITERS}}
+                    for s in ["icl", *methods]}
+    return out
+
+
+def section(results_dir: str | Path, model: str | None, out: Path) -> list[str]:
+    """One model's causal-study section (empty without patching cells), and its figure;
+    `model` None: the results directory holds one model's cells."""
+    cells = patching_cells(results_dir, model)
+    if not cells:
+        return []
+    model = model or ", ".join(sorted({c["config"]["model"] for c in cells}))
+    summary = model_summary(cells)
+    lines = ["Rule: " + RULE, "",
+             "| task | lr (rule, loss) | acc ZS / ICL / GD / LCGD | arrival depth ICL / GD / LCGD | attn_out depth ICL / GD / LCGD "
+             "| overlap attn_out ICL-GD / ICL-LCGD | overlap mlp_out ICL-GD / ICL-LCGD | task vector: best depth, acc | top ICL heads |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: c["config"]["task"]):
+        cfg, L = c["config"], c["layers"]
+        lrs = ", ".join(f"{k.upper()} {v:g}" for k, v in cfg["lr_by_method"].items())
+        acc = " / ".join([_fmt(c["zs_accuracy"])] + [_fmt(L[s]["accuracy"]) if s in L else "-" for s in ("icl", "gd", "lcgd")])
+        arrive = " / ".join(_fmt(arrival_depth(L[s]["resid_pre"]["recovered_share"])) if s in L else "-" for s in ("icl", "gd", "lcgd"))
+        attn = " / ".join(_fmt(c["depth"][s]["attn_out"]) if s in c["depth"] else "-" for s in ("icl", "gd", "lcgd"))
+        ov = {w: " / ".join(_fmt(c["overlap"][w].get(f"icl-{m}"), "+.2f") for m in ("gd", "lcgd")) for w in WRITERS}
+        tv = c["task_vectors"].get("icl")
+        tv_text = f"{tv['best_layer'] / max(c['n_layers'] - 1, 1):.2f}, {tv['best_accuracy']:.2f}" if tv else "-"
+        heads = ", ".join(f"L{h['layer']}H{h['head']}" for h in c["heads"]["icl"]["top"][:3]) if "icl" in c["heads"] else "-"
+        lines.append(f"| {Path(cfg['task']).stem} | {lrs} ({cfg['lr_rule']}, {cfg['loss_reduction']}) | {acc} | {arrive} | "
+                     f"{attn} | {ov['attn_out']} | {ov['mlp_out']} | {tv_text} | {heads} |")
+    lines.append("")
+    for m, v in summary["methods"].items():
+        lines.append(f"- **{m.upper()}'s change is {v['verdict']}** on {model}: mean overlap with ICL's attn_out and "
+                     f"mlp_out profiles {_fmt(v['overlap'], '+.2f')} over {v['n_tasks']} task(s) (rule above).")
+    d = summary["depth"]
+    lines += [f"- ICL's effect arrives at the prediction position at depth {_fmt(d['icl']['arrival'])} (first layer whose "
+              f"resid_pre recovers half of it, mean over tasks); GD's at {_fmt(d.get('gd', {}).get('arrival'))}, LCGD's at "
+              f"{_fmt(d.get('lcgd', {}).get('arrival'))}.", ""]
+    caption = fig_profiles(cells, out / "fig_patching.png")
+    lines += [f"![fig_patching.png](fig_patching.png)", "", f"*{caption}*", ""]
+    seconds = [c["_seconds"] for c in cells if c["_seconds"]]
+    if seconds:
+        lines += [f"Compute: {len(seconds)} patching cell(s), {sum(seconds) / 60:.0f} min in all (the sum of each "
+                  f"cell's phase times, patching_timings.json, which names the machine and threads).", ""]
+    return lines
+
+
+def _depth_profile(profile: list[float | None], grid: np.ndarray) -> np.ndarray:
+    """A per-layer profile resampled onto the normalised depth axis."""
+    v = np.array([np.nan if x is None else x for x in profile], dtype=float)
+    return np.interp(grid, np.linspace(0, 1, len(v)), v)
+
+
+def fig_profiles(cells: list[dict[str, Any]], path: Path, by_model: bool = False) -> str:
+    """Mean recovered share over tasks on the normalised depth axis, per component and
+    source (or, `by_model`, one line per model and source)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(0, 1, 41)
+    comps = ("resid_pre", "attn_out", "mlp_out")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=False)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        for s in c["layers"]:
+            groups.setdefault((c["config"]["model"] if by_model else "", s), []).append(c)
+    for ax, comp in zip(axes, comps):
+        for (model, s), cs in sorted(groups.items()):
+            mean = np.nanmean([_depth_profile(c["layers"][s][comp]["recovered_share"], grid) for c in cs], axis=0)
+            ax.plot(grid, mean, label=f"{model} {s.upper()}".strip(), ls={"icl": "-", "gd": "--", "lcgd": ":"}.get(s, "-"))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(f"hook_{comp}")
+        ax.set_xlabel("normalised depth")
+    axes[0].set_ylabel("share of the effect recovered")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    n_tasks = len({(c["config"]["model"], c["config"]["task"]) for c in cells})
+    return (f"Share of each source's effect on the gold-vs-best-other logit difference recovered by patching one "
+            f"vector at the prediction position into ZS, mean over {n_tasks} (model, task) cell(s), on the normalised "
+            "depth axis. Solid ICL, dashed GD, dotted LCGD. Token-mean loss, one rate shared by GD and LCGD "
+            "(each cell's rates in the table).")
+
+
+def crossmodel_section(results_dir: str | Path, out: Path) -> list[str]:
+    """The causal study across models: one row per model, and the profiles of all models
+    on one depth axis."""
+    cells = patching_cells(results_dir)
+    if not cells:
+        return []
+    models = sorted({c["config"]["model"] for c in cells})
+    lines = ["| model | tasks | arrival depth ICL / GD / LCGD | attn_out depth ICL / GD / LCGD | overlap with ICL: GD | "
+             "overlap with ICL: LCGD |", "|---|---|---|---|---|---|"]
+    for m in models:
+        s = model_summary([c for c in cells if c["config"]["model"] == m])
+        d, meth = s["depth"], s["methods"]
+        arrive = " / ".join(_fmt(d.get(x, {}).get("arrival")) for x in ("icl", "gd", "lcgd"))
+        attn = " / ".join(_fmt(d.get(x, {}).get("attn_out")) for x in ("icl", "gd", "lcgd"))
+        ov = [f"{_fmt(meth[x]['overlap'], '+.2f')} ({meth[x]['verdict']})" if x in meth else "-" for x in ("gd", "lcgd")]
+        lines.append(f"| {m} | {s['tasks']} | {arrive} | {attn} | {ov[0]} | {ov[1]} |")
+    caption = fig_profiles(cells, out / "fig_crossmodel_patching.png", by_model=True)
+    lines += ["", "Rule: " + RULE, "",
+              "![fig_crossmodel_patching.png](fig_crossmodel_patching.png)", "", f"*{caption}*", ""]
+    return lines

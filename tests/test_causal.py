@@ -1,0 +1,129 @@
+"""The causal study of one cell (causal.py): `lens-iclgd patch`, `run --patching`, grids.
+The patching computations themselves are tested against TransformerLens in test_patching.py."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TEST_DATA, cli_in_process, grid_file, save_tiny_llama
+from lens_iclgd import patching as P
+from lens_iclgd.causal import centre_of_mass, profile_overlap, run_patching
+from lens_iclgd.config import RunConfig
+from lens_iclgd.finetune import finetuned
+from lens_iclgd.grid import cell_id, cells, load_grid, run_grid
+from lens_iclgd.inputs import prepare
+from lens_iclgd.models import load_model
+
+
+def _config(tiny_hf_dir, **over):
+    return RunConfig(**{"task": "sst2", "model": str(tiny_hf_dir), "k": 3, "n_test": 6, "lr": 0.05, "seed": 0,
+                        "data_dir": str(TEST_DATA), "patching": True, "patch_heads": 2, **over})
+
+
+def test_a_patching_cell_writes_its_study_and_reproduces_byte_for_byte(tiny_hf_dir, tmp_path):
+    loaded = load_model(str(tiny_hf_dir))
+    cfg = _config(tiny_hf_dir)
+    result = run_patching(cfg, tmp_path / "a", loaded)
+    for name in ("patching.json", "patching.parquet", "patching_layers.png", "patching_heads.png", "patching_timings.json"):
+        assert (tmp_path / "a" / name).is_file(), name
+    n_layers = loaded.model.cfg.n_layers
+    assert set(result["layers"]) == {"icl", "gd", "lcgd"}
+    assert all(len(result["layers"][s][c]["recovered_share"]) == n_layers for s in result["layers"] for c in P.COMPONENTS)
+    assert np.array(result["heads"]["icl"]["indirect_effect"]).shape == (n_layers, loaded.model.cfg.n_heads)
+    assert len(result["task_vectors"]["icl"]["accuracy"]) == n_layers
+
+    # the recorded shares are the least-squares slopes of the per-example table
+    table = pd.read_parquet(tmp_path / "a" / "patching.parquet")
+    sub = table[(table.source == "gd") & (table.component == "attn_out") & (table.layer == 1)]
+    effect = sub.source_logit_diff - sub.zs_logit_diff
+    want = ((sub.logit_diff - sub.zs_logit_diff) * effect).sum() / (effect ** 2).sum()
+    assert result["layers"]["gd"]["attn_out"]["recovered_share"][1] == pytest.approx(want, abs=1e-5)
+
+    # GD trains K/V only: its ZS-prompt run has the trained model's embeddings, so patching
+    # GD's layer-0 resid_pre recovers nothing, and its final layers carry the whole effect
+    assert result["layers"]["gd"]["resid_pre"]["recovered_share"][0] == pytest.approx(0, abs=1e-5)
+
+    # the same cell again, from its stages and from nothing: the same bytes
+    run_patching(cfg, tmp_path / "b", loaded, stages_dir=tmp_path / "a" / "stages")
+    run_patching(cfg, tmp_path / "c", load_model(str(tiny_hf_dir)))
+    first = (tmp_path / "a" / "patching.json").read_bytes()
+    assert first == (tmp_path / "b" / "patching.json").read_bytes() == (tmp_path / "c" / "patching.json").read_bytes()
+
+
+def test_the_gd_source_is_the_finetuned_models_own_run(tiny_hf_dir, tmp_path):
+    """Independently of causal.py: train GD as the cell does, record its last token, patch
+    its attn_out into ZS; the cell's recorded profile is that computation's."""
+    loaded = load_model(str(tiny_hf_dir))
+    cfg = _config(tiny_hf_dir, methods=("icl", "gd"), patch_heads=0)
+    result = run_patching(cfg, tmp_path / "run", loaded)
+    inp = prepare(cfg.validate(), loaded)
+    p, model = inp.prompts, loaded.model
+    zs = P.last_token_activations(model, p.zs_prefix(), p.queries, p.options)
+    with finetuned(model, p.demos, p.bos, "gd", 0.05, loaded.kv_bias, loss_reduction="mean"):
+        gd = P.last_token_activations(model, p.zs_prefix(), p.queries, p.options)
+    ref = P.patch_layers_reference(model, p.queries, p.options, gd, ("attn_out",), prefix=p.zs_prefix())
+    share = P.recovered_share(ref["attn_out"]["logit_diff"], zs.logit_diff, gd.logit_diff)
+    assert result["layers"]["gd"]["attn_out"]["recovered_share"] == pytest.approx(share.tolist(), abs=1e-4)
+    assert result["layers"]["gd"]["accuracy"] == pytest.approx(gd.correct.float().mean().item(), abs=1e-6)
+    assert result["heads"] == {} and result["n_head_examples"] == 0
+
+
+def test_profile_overlap_and_depth_on_hand_cases():
+    assert profile_overlap([0, 0.5, 1.0], [0, 1.0, 2.0]) == pytest.approx(1.0)
+    assert profile_overlap([0, 0.5, 1.0], [1.0, 0.5, 0]) == pytest.approx(-1.0)
+    assert profile_overlap([0, None, 1.0], [0, 1.0, 2.0]) is None  # two defined layers: no correlation
+    assert profile_overlap([1, 1, 1], [0, 1, 2]) is None  # a flat profile
+    assert centre_of_mass([0, 0, 1.0]) == pytest.approx(1.0)
+    assert centre_of_mass([1.0, -5.0, 1.0]) == pytest.approx(0.5)  # negative shares carry no mass
+    assert centre_of_mass([0, None, 0]) is None
+
+
+@pytest.fixture(scope="module")
+def four_layer_hf_dir(tmp_path_factory, tokenizer):
+    """Four layers: a per-layer profile needs three defined layers for a correlation."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_four"), tokenizer, n_layers=4, seed=1)
+
+
+def test_patch_command_grid_key_and_bad_input(tiny_hf_dir, four_layer_hf_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_hf_dir), "--task", "sst2", "--data-dir", str(TEST_DATA), "--k", "3", "--n-test", "4",
+            "--lr", "0.05", "--patch-heads", "1"]
+    code, stdout, stderr = cli_in_process(["patch", *base, "--out", str(tmp_path / "cli")], capsys)
+    assert code == 0, stderr
+    assert "recovered share (best layer)" in stdout and "task vector (ICL mean resid_pre)" in stdout
+    assert json.loads((tmp_path / "cli" / "patching.json").read_text())["n_test"] == 4
+    code, _, stderr = cli_in_process(["run", *base, "--patching", "--orders", "2", "--out", str(tmp_path / "x")], capsys)
+    assert code == 1 and stderr.count("\n") == 1 and "--patching and --orders exclude each other" in stderr
+    code, _, stderr = cli_in_process(["patch", *base, "--methods", "icl", "--out", str(tmp_path / "y")], capsys)
+    assert code == 1 and "keep icl and at least one of gd, lcgd" in stderr
+
+    path = grid_file(tmp_path / "tiny.toml", [str(four_layer_hf_dir)], TEST_DATA, seeds=[0], lrs=[0.5], k=3, n_test=8,
+                     patching=True, patch_heads=1, methods=["gd"])
+    grid = load_grid(path)
+    (cell,) = cells(grid)
+    assert "__patching__" in cell_id(cell)
+    assert cell_id(cell) != cell_id(RunConfig(**{**cell.__dict__, "patching": False}))
+    results = tmp_path / "r"
+    assert run_grid(grid, results)["done"] == 1
+    assert (results / "cells" / cell_id(cell) / "patching.json").is_file()
+    assert run_grid(grid, results)["ran"] == 0  # finished: skipped
+
+    # the report's causal section: the cell's own numbers, the rule's verdict, the figure
+    from lens_iclgd.patch_report import model_summary
+    from lens_iclgd.report import collect, write_report
+
+    assert collect(results).missing == 0  # a finished patching cell counts as done
+    text = (write_report(results) / "report.md").read_text()
+    cell_json = json.loads((results / "cells" / cell_id(cell) / "patching.json").read_text())
+    overlaps = [cell_json["overlap"][w]["icl-gd"] for w in ("attn_out", "mlp_out")]
+    assert all(v is not None for v in overlaps), overlaps
+    overlap = np.mean(overlaps)
+    summary = model_summary([cell_json])
+    assert summary["methods"]["gd"]["overlap"] == pytest.approx(overlap)
+    want = "carried where ICL's is" if overlap >= 0.5 else "not carried where ICL's is" if overlap < 0.2 else "partly"
+    assert summary["methods"]["gd"]["verdict"].startswith(want)
+    assert "## Where the effect is carried: activation patching" in text
+    assert f"**GD's change is {summary['methods']['gd']['verdict']}**" in text and f"{overlap:+.2f}" in text
+    assert (results / "report" / "fig_patching.png").is_file()
