@@ -88,8 +88,18 @@ def _matched(sweep: pd.DataFrame, task: str, size: float) -> float:
     return float(np.interp(math.log(size), np.log(lc["update_size"].values), lc["SimAM_delta"].values))
 
 
+MIN_RATES = 6  # a task's sweep counts once it has this many rates (or as many as the sweep's most-swept task)
+
+
 def regimes(sweep: pd.DataFrame) -> dict[str, Any]:
-    """Finding 3 in the three regimes on one (model, loss, k) sweep, and per rate."""
+    """Finding 3 in the three regimes on one (model, loss, k) sweep, and per rate. A task
+    whose sweep is still short (fewer than MIN_RATES rates, or than the sweep's most-swept
+    task where that has fewer) is left out and listed in "incomplete": a rate chosen from
+    one or two points says nothing."""
+    n_rates = sweep.groupby("task")["lr"].nunique()
+    needed = min(MIN_RATES, int(n_rates.max())) if len(n_rates) else 0
+    incomplete = {t: int(n) for t, n in n_rates.items() if n < needed}
+    sweep = sweep[~sweep["task"].isin(incomplete)]
     picks = chosen(sweep)  # empty where no cell scored held-out examples: no rate can be chosen
     per_task = []
     for task in sorted(sweep["task"].unique()) if not picks.empty else []:
@@ -124,7 +134,8 @@ def regimes(sweep: pd.DataFrame) -> dict[str, Any]:
     given = {v["verdict"] for v in verdicts.values() if v["verdict"] != "not available"}
     overall = ("not available" if not given else "depends on the rate" if len(given) > 1 or len(majority) > 1
                else given.pop())
-    return {"per_task": table, "verdicts": verdicts, "by_rate": by_rate, "overall": overall, "chosen": picks}
+    return {"per_task": table, "verdicts": verdicts, "by_rate": by_rate, "overall": overall, "chosen": picks,
+            "incomplete": incomplete}
 
 
 def sweeps(cells: list[dict[str, Any]]) -> dict[tuple[str, str, int], pd.DataFrame]:
@@ -190,6 +201,9 @@ def section(cells: list[dict[str, Any]], out: Path | None = None) -> list[str]:
             lines.append(f"| {r.task} | {r.lr_gd:g} | {r.lr_lcgd:g} | {r.gd_update_size:.3f} | {'yes' if r.edge else 'no'} |")
         lines += ["", "Per rate, tasks where LCGD's SimAM_delta is above GD's: "
                   + "; ".join(f"{b['lr']:g}: {b['wins']} of {b['tasks']}" for b in res["by_rate"]) + ".", ""]
+        if res["incomplete"]:
+            lines += ["Left out until their sweep has more rates: " + ", ".join(
+                f"{t} ({n} rate{'s' if n > 1 else ''})" for t, n in sorted(res["incomplete"].items())) + ".", ""]
         if out is not None and sweep["lr"].nunique() > 1:
             name = slug(model, loss, k)
             caption = figure(sweep, out / name, f"{model}, {loss} loss, k {k}: finding 3 against rate and update size")

@@ -81,6 +81,17 @@ def test_zs_into_zs_changes_nothing(model):
         assert torch.allclose(recovered_share(out[c]["logit_diff"], zs.logit_diff, icl.logit_diff), torch.zeros(3), atol=1e-4)
 
 
+def test_a_runs_own_activations_recover_all_of_its_effect(model):
+    """Patched into the source run itself (the ICL prompt as the target), every site
+    recovers 100% of the source's effect over ZS: the patch changes nothing there."""
+    queries, prefix = _queries(model), _icl_prefix(model)
+    zs = last_token_activations(model, BOS, queries, OPTIONS)
+    icl = last_token_activations(model, prefix, queries, OPTIONS)
+    out = patch_layers(model, queries, OPTIONS, icl, prefix=prefix)
+    for c in COMPONENTS:
+        assert torch.allclose(recovered_share(out[c]["logit_diff"], zs.logit_diff, icl.logit_diff), torch.ones(3), atol=1e-4)
+
+
 @pytest.mark.parametrize("ablate", [False, True])
 def test_fast_path_equals_full_forwards(model, ablate):
     """An ICL-style source (a longer prompt): every component and layer, cached last-token
