@@ -111,7 +111,7 @@ def section(results_dir: str | Path, model: str | None, out: Path) -> list[str]:
     lines.append("")
     for m, v in summary["methods"].items():
         lines.append(f"- **{m.upper()}'s change is {v['verdict']}** on {model}: mean overlap with ICL's attn_out and "
-                     f"mlp_out profiles {_fmt(v['overlap'], '+.2f')} over {v['n_tasks']} task(s) (rule above).")
+                     f"mlp_out profiles {_fmt(v['overlap'], '+.3f')} over {v['n_tasks']} task(s) (rule above).")
     d = summary["depth"]
     lines += [f"- ICL's effect arrives at the prediction position at depth {_fmt(d['icl']['arrival'])} (first layer whose "
               f"resid_pre recovers half of it, mean over tasks); GD's at {_fmt(d.get('gd', {}).get('arrival'))}, LCGD's at "
@@ -179,7 +179,7 @@ def crossmodel_section(results_dir: str | Path, out: Path) -> list[str]:
         d, meth = s["depth"], s["methods"]
         arrive = " / ".join(_fmt(d.get(x, {}).get("arrival")) for x in ("icl", "gd", "lcgd"))
         attn = " / ".join(_fmt(d.get(x, {}).get("attn_out")) for x in ("icl", "gd", "lcgd"))
-        ov = [f"{_fmt(meth[x]['overlap'], '+.2f')} ({meth[x]['verdict']})" if x in meth else "-" for x in ("gd", "lcgd")]
+        ov = [f"{_fmt(meth[x]['overlap'], '+.3f')} ({meth[x]['verdict']})" if x in meth else "-" for x in ("gd", "lcgd")]
         lines.append(f"| {m} | {s['tasks']} | {arrive} | {attn} | {ov[0]} | {ov[1]} |")
     caption = fig_profiles(cells, out / "fig_crossmodel_patching.png", by_model=True)
     lines += ["", "Rule: " + RULE, "",

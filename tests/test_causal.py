@@ -125,5 +125,5 @@ def test_patch_command_grid_key_and_bad_input(tiny_hf_dir, four_layer_hf_dir, tm
     want = "carried where ICL's is" if overlap >= 0.5 else "not carried where ICL's is" if overlap < 0.2 else "partly"
     assert summary["methods"]["gd"]["verdict"].startswith(want)
     assert "## Where the effect is carried: activation patching" in text
-    assert f"**GD's change is {summary['methods']['gd']['verdict']}**" in text and f"{overlap:+.2f}" in text
+    assert f"**GD's change is {summary['methods']['gd']['verdict']}**" in text and f"{overlap:+.3f}" in text
     assert (results / "report" / "fig_patching.png").is_file()
