@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from .config import RunConfig
+from .errors import UserError
 from .finetune import finetuned
 from .hardware import describe_cpu
 from .inputs import Inputs, prepare
@@ -209,8 +210,6 @@ def run_patching(config: RunConfig, out: str | Path, loaded: LoadedModel | None 
     patching_timings.json. Finished stages go to `stages_dir` (default out/stages)."""
     config = config.validate()
     if not config.ft_methods or "icl" not in config.methods:
-        from .errors import UserError
-
         raise UserError("patching compares ICL with finetuning: keep icl and at least one of gd, lcgd in --methods")
     out = Path(out)
     t0 = time.perf_counter()

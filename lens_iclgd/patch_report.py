@@ -117,7 +117,7 @@ def section(results_dir: str | Path, model: str | None, out: Path) -> list[str]:
               f"resid_pre recovers half of it, mean over tasks); GD's at {_fmt(d.get('gd', {}).get('arrival'))}, LCGD's at "
               f"{_fmt(d.get('lcgd', {}).get('arrival'))}.", ""]
     caption = fig_profiles(cells, out / "fig_patching.png")
-    lines += [f"![fig_patching.png](fig_patching.png)", "", f"*{caption}*", ""]
+    lines += ["![fig_patching.png](fig_patching.png)", "", f"*{caption}*", ""]
     seconds = [c["_seconds"] for c in cells if c["_seconds"]]
     if seconds:
         lines += [f"Compute: {len(seconds)} patching cell(s), {sum(seconds) / 60:.0f} min in all (the sum of each "

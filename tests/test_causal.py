@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import TEST_DATA, cli_in_process, grid_file, save_tiny_llama
 from lens_iclgd import patching as P
