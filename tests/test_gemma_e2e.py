@@ -85,9 +85,12 @@ def test_gemma_patching_cached_paths_equal_full_forwards(gemma):
     ref = P.patch_layers_reference(model, p.queries[:1], p.options, first, prefix=p.zs_prefix())
     for c in COMPONENTS:
         assert torch.allclose(fast[c]["logit_diff"], ref[c]["logit_diff"], atol=2e-3)
-    shuffled = P.shuffled_label_demos(p, task, rows["train"], model, seed=0)
-    corrupted = list(p.bos) + [t for d in shuffled for t in d + p.separator]
+    # head patching on 4 demonstrations: its reference is a full forward per head (72 here),
+    # and its cached path is the one checked past the window above
+    p4 = build_prompts(model, task, rows["train"], rows["validation"], k=4, seed=0, n_test=1)
+    shuffled = P.shuffled_label_demos(p4, task, rows["train"], model, seed=0)
+    corrupted = list(p4.bos) + [t for d in shuffled for t in d + p4.separator]
     mean_z = icl.z.mean(0)
-    heads = P.head_indirect_effect(model, corrupted, p.queries[:1], p.options, mean_z)
-    heads_ref = P.head_indirect_effect_reference(model, corrupted, p.queries[:1], p.options, mean_z)
+    heads = P.head_indirect_effect(model, corrupted, p4.queries, p4.options, mean_z)
+    heads_ref = P.head_indirect_effect_reference(model, corrupted, p4.queries, p4.options, mean_z)
     assert torch.allclose(heads, heads_ref, atol=1e-3)
