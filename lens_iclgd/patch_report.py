@@ -134,11 +134,9 @@ def _depth_profile(profile: list[float | None], grid: np.ndarray) -> np.ndarray:
 def fig_profiles(cells: list[dict[str, Any]], path: Path, by_model: bool = False) -> str:
     """Mean recovered share over tasks on the normalised depth axis, per component and
     source (or, `by_model`, one line per model and source)."""
-    import matplotlib
+    from .report import _plt  # report imports this module: imported at call time
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     grid = np.linspace(0, 1, 41)
     comps = ("resid_pre", "attn_out", "mlp_out")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=False)
