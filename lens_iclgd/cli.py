@@ -107,9 +107,9 @@ def cmd_grid(args) -> None:
 
 
 def _only(args) -> dict[str, list]:
-    """--seeds 0,1 / --tasks sst2,mr as grid.select() takes them."""
+    """--seeds 0,1 / --tasks sst2,mr / --models a,b as grid.select() takes them."""
     only: dict[str, list] = {}
-    for key, kind in (("seeds", int), ("tasks", str)):
+    for key, kind in (("seeds", int), ("tasks", str), ("models", str)):
         text = getattr(args, key)
         if text is None:
             continue
@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose training diverged")
     p.add_argument("--seeds", default=None, help="only these seeds of the grid, e.g. 0 (seed 0 everywhere first)")
     p.add_argument("--tasks", default=None, help="only these tasks of the grid, e.g. sst2,mr")
+    p.add_argument("--models", default=None, help="only these models of the grid, e.g. smollm2-135m")
     p.add_argument("--dry-run", action="store_true", help="list the cells still to run; compute nothing")
     config.add_arguments(p, ("data_dir", "precision", "device"), unset=True)  # these override the config's keys
 

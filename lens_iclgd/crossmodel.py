@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import report as R
 from .progress import fmt_time
-from . import patch_report, rates
+from . import patch_report, rates, shen
 from .costs import cost_table_markdown
 from .findings import CLAIMS, Finding
 from .icl_gain import icl_gain_body, icl_gain_table
@@ -67,28 +67,43 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
     atomic_write_bytes(out / "icl_gain.csv", gain.to_csv(index=False, float_format="%.4f").encode())
     lines += ["## The premise: ICL - ZS accuracy per model", ""] + icl_gain_body(gain, times)
 
-    for name, make in (("Table 1", R.table1), ("Table 2", R.table2)):
-        table = side_by_side({m: make(c.rows) if not c.rows.empty else pd.DataFrame() for m, c in per_model.items()})
-        lines += [f"## {name}, mean over tasks, per model", ""]
-        if table.empty:
-            lines += ["No finished cells for this table.", ""]
-            continue
-        slug = name.lower().replace(" ", "")
-        atomic_write_bytes(out / f"crossmodel_{slug}.csv", table.to_csv(index=False, float_format="%.4f").encode())
-        lines += [R._plain_markdown(_with_spread(table, models)), "",
-                  f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds) ± its "
-                  "standard deviation over seeds (of the task-averaged value; only where every task has every seed), "
-                  "and [the lowest, the highest] task mean. Learning rates: " + (
-                      "GD at its chosen rate." if name == "Table 1" else "each method at its own chosen rate (regime b).")
-                  + " Loss: summed over the demonstration's tokens.", ""]
+    tables = {"paper": (("Table 1", lambda rows: R.table1(rows, "paper")), ("Table 2", lambda rows: R.table2(rows, "shared", R.MEAN))),
+              "summed": (("Table 1", R.table1), ("Table 2", R.table2))}
+    for protocol in ("paper", "summed"):
+        for name, make in tables[protocol]:
+            table = side_by_side({m: make(c.rows) if not c.rows.empty else pd.DataFrame() for m, c in per_model.items()})
+            if table.empty and protocol == "paper":
+                continue  # only once some model has cells at the paper's protocol
+            lines += [f"## {name}, mean over tasks, per model ({PROTOCOL_TITLES[protocol]})", ""]
+            if table.empty:
+                lines += ["No finished cells for this table.", ""]
+                continue
+            slug = name.lower().replace(" ", "") + ("_paper" if protocol == "paper" else "")
+            atomic_write_bytes(out / f"crossmodel_{slug}.csv", table.to_csv(index=False, float_format="%.4f").encode())
+            rates_used = {("paper", "Table 1"): "GD at its chosen rate.", ("paper", "Table 2"): "GD's chosen rate, shared by LCGD (regime a).",
+                          ("summed", "Table 1"): "GD at its chosen rate.", ("summed", "Table 2"): "each method at its own chosen rate (regime b)."}
+            lines += [R._plain_markdown(_with_spread(table, models)), "",
+                      f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds) ± its "
+                      "standard deviation over seeds (of the task-averaged value; only where every task has every seed), "
+                      "and [the lowest, the highest] task mean; a model's tasks are those with cells at this protocol. "
+                      f"Learning rates: {rates_used[protocol, name]} Loss: "
+                      + ("the mean of the demonstration's token losses (the paper's code)." if protocol == "paper"
+                         else "summed over the demonstration's tokens."), ""]
 
-    lines += findings_side_by_side({m: R.findings(c) for m, c in per_model.items()},
-                                   {m: findings_scale(c) for m, c in per_model.items()})
+    for protocol in ("paper", "summed"):
+        by_model = {m: R.findings(c, protocol) for m, c in per_model.items()}
+        if protocol == "paper" and all(f.verdict == "not available" for fs in by_model.values() for f in fs):
+            continue
+        lines += findings_side_by_side(by_model, {m: findings_scale(c, protocol) for m, c in per_model.items()},
+                                       PROTOCOL_TITLES[protocol])
     lines += CODE_CHECKS
     caption = fig_simam_delta_depth(per_model, out / "fig_crossmodel_simam_delta.png")
     lines += ["## Figure: per-layer SimAM_delta by depth", ""]
     lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
               if caption else ["No model has trained-model cells with GD and LCGD yet.", ""])
+    shen_lines = shen.crossmodel_section(results_dir)
+    if shen_lines:
+        lines += ["## Shen et al.: order sensitivity and output-level comparisons, per model", ""] + shen_lines
     causal_lines = patch_report.crossmodel_section(results_dir, out)
     if causal_lines:
         lines += ["## Where the effect is carried: activation patching, per model", ""] + causal_lines
@@ -113,23 +128,33 @@ CODE_CHECKS = [
     "the code.", ""]
 
 
+# Short names of report.PROTOCOLS for titles and table rows.
+PROTOCOL_TITLES = {"paper": "paper's protocol: token-mean loss, GD's rate shared",
+                   "summed": "summed loss, each method's own rate"}
+
+
 def verdicts_at_a_glance(per_model: dict[str, R.Collected]) -> list[str]:
-    """The answer first: every finding x model, finding 3 also per learning-rate regime of
-    each sweep (rates.py), each entry with the numbers it rests on."""
+    """The answer first: every finding x model at each protocol, finding 3 also per
+    learning-rate regime of each sweep (rates.py), each entry with the numbers it rests on."""
     models = list(per_model)
-    found = {m: {f.number: f for f in R.findings(c)} for m, c in per_model.items()}
     lines = ["## Verdicts at a glance", "",
-             "Rows 1-4: the paper-scale cells (k 32, summed loss, each method at its own chosen rate; details in "
-             "\"Findings\" below). Rows 3(a)-(c): finding 3 on each learning-rate sweep (GD and LCGD at shared rates), "
+             "Rows 1-4: the cells at the chosen rates, per protocol: the paper's (token-mean loss, GD's chosen rate "
+             "shared by LCGD; k 32, n-test 200, the tasks whose rate has been chosen) and the summed-loss paper-scale "
+             "cells (k 32, n-test up to 2000, each method at its own chosen rate); details in \"Findings\" below. "
+             "Rows 3(a)-(c): finding 3 on each learning-rate sweep (GD and LCGD at shared rates), "
              "decided per regime (section \"Finding 3 by learning rate and update size\" of each model's report); "
              "\"depends on the rate\" where the regimes or the per-rate counts disagree.", "",
              "| finding | regime | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
-    for n, claim in CLAIMS.items():
-        cells = []
-        for m in models:
-            f = found[m].get(n)
-            cells.append("not available" if f is None else f.verdict + (f" ({_short(f)})" if _short(f) else ""))
-        lines.append(f"| {n}. {claim.name} | paper scale | " + " | ".join(cells) + " |")
+    for protocol in ("paper", "summed"):
+        found = {m: {f.number: f for f in R.findings(c, protocol)} for m, c in per_model.items()}
+        if protocol == "paper" and all(f.verdict == "not available" for fs in found.values() for f in fs.values()):
+            continue
+        for n, claim in CLAIMS.items():
+            cells = []
+            for m in models:
+                f = found[m].get(n)
+                cells.append("not available" if f is None else f.verdict + (f" ({_short(f)})" if _short(f) else ""))
+            lines.append(f"| {n}. {claim.name} | {PROTOCOL_TITLES[protocol]} | " + " | ".join(cells) + " |")
     results = {m: {key: rates.regimes(s) for key, s in rates.sweeps(c.cells).items()} for m, c in per_model.items()}
     for loss, k in sorted({(key[1], key[2]) for r in results.values() for key in r}):
         for regime, name in [*rates.REGIMES.items(), ("overall", "overall")]:
@@ -197,15 +222,16 @@ def _with_spread(table: pd.DataFrame, models: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"row": table["row"], **{m: [text(r, m) for _, r in table.iterrows()] for m in models}})
 
 
-def _chosen_rate_rows(coll: R.Collected) -> pd.DataFrame:
-    """GD/LCGD rows of the cells at the chosen rates (what tables and findings use)."""
-    rows = R._paper_cells(coll.rows)
+def _chosen_rate_rows(coll: R.Collected, protocol: str = "summed") -> pd.DataFrame:
+    """GD/LCGD rows of the cells at the chosen rates of one protocol (what tables and findings use)."""
+    rule, loss, _ = R.PROTOCOLS[protocol]
+    rows = R._paper_cells(coll.rows, rule, loss)
     return rows[rows["method"].isin(["gd", "lcgd"])] if not rows.empty else rows
 
 
-def findings_scale(coll: R.Collected) -> str:
+def findings_scale(coll: R.Collected, protocol: str = "summed") -> str:
     """What a model's findings rest on: its cells at the chosen rates (tables 1 and 2)."""
-    rows = _chosen_rate_rows(coll).drop_duplicates("cell")
+    rows = _chosen_rate_rows(coll, protocol).drop_duplicates("cell")
     if rows.empty:
         return "no cells at the chosen rates"
 
@@ -218,10 +244,11 @@ def findings_scale(coll: R.Collected) -> str:
             f"baselines {', '.join(sorted(rows['baseline'].unique()))}")
 
 
-def findings_side_by_side(by_model: dict[str, list[Finding]], scale: dict[str, str] | None = None) -> list[str]:
+def findings_side_by_side(by_model: dict[str, list[Finding]], scale: dict[str, str] | None = None,
+                          title: str = "") -> list[str]:
     """A verdict table (finding x model), then each finding's claim, rule and numbers per
     model; `scale`: per model, the cells the findings rest on (a first row)."""
-    lines = ["## Findings (docs/protocol.md) per model", "",
+    lines = ["## Findings (docs/protocol.md) per model" + (f" ({title})" if title else ""), "",
              "Verdicts against the paper's findings; a finding a model does not reproduce is reported as such.", "",
              "| finding | " + " | ".join(by_model) + " |", "|---|" + "---|" * len(by_model)]
     if scale:
@@ -307,18 +334,21 @@ def run_summary(model: str, coll: R.Collected, grids: dict[str, dict[str, Any]],
 
 
 def learning_rates_used(coll: R.Collected) -> str:
-    """Per task, the GD / LCGD rates of the chosen-rate cells and how they were chosen."""
-    rows = _chosen_rate_rows(coll)
-    if rows.empty:
-        return "Learning rates: no cells at the chosen rates."
-    parts = []
-    for task in R._task_order(rows["task"]):
-        sub = rows[rows["task"] == task]
-        parts.append(task + " " + "; ".join(
-            f"{m.upper()} " + "/".join(f"{v:g}" for v in sorted(sub[sub["method"] == m]["lr"].unique()))
-            + f" ({', '.join(sorted({_rate_origin(x) for x in sub[sub['method'] == m]['lr_source']}))})"
-            for m in ("gd", "lcgd") if (sub["method"] == m).any()))
-    return "Learning rates of the chosen-rate cells: " + ", ".join(parts) + "."
+    """Per protocol and task, the GD / LCGD rates of the chosen-rate cells and how they were chosen."""
+    out = []
+    for protocol in ("paper", "summed"):
+        rows = _chosen_rate_rows(coll, protocol)
+        if rows.empty:
+            continue
+        parts = []
+        for task in R._task_order(rows["task"]):
+            sub = rows[rows["task"] == task]
+            parts.append(task + " " + "; ".join(
+                f"{m.upper()} " + "/".join(f"{v:g}" for v in sorted(sub[sub["method"] == m]["lr"].unique()))
+                + f" ({', '.join(sorted({_rate_origin(x) for x in sub[sub['method'] == m]['lr_source']}))})"
+                for m in ("gd", "lcgd") if (sub["method"] == m).any()))
+        out.append(f"Learning rates of the chosen-rate cells ({PROTOCOL_TITLES[protocol]}): " + ", ".join(parts) + ".")
+    return " ".join(out) or "Learning rates: no cells at the chosen rates."
 
 
 def _rate_origin(source: str | None) -> str:

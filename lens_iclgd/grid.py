@@ -279,15 +279,15 @@ def _check_inputs(todo: list[RunConfig]) -> None:
 
 
 def select(grid: GridConfig, all_cells: list[RunConfig], only: dict[str, list] | None) -> list[RunConfig]:
-    """The cells whose seed/task is among `only`'s (e.g. {"seeds": [0]}: seed 0 of every
-    task first). The grid itself, and what `report` expects of it, stays whole."""
+    """The cells whose seed/task/model is among `only`'s (e.g. {"seeds": [0]}: seed 0 of
+    every task first). The grid itself, and what `report` expects of it, stays whole."""
     for key, value in (only or {}).items():
         allowed = getattr(grid, key)
         outside = [v for v in value if v not in allowed]
         if outside:
             raise UserError(f"--{key} {','.join(map(str, outside))}: not in grid {grid.name}'s {key} "
                             f"({', '.join(map(str, allowed))})")
-    attr = {"seeds": "seed", "tasks": "task"}
+    attr = {"seeds": "seed", "tasks": "task", "models": "model"}
     return [c for c in all_cells if all(getattr(c, attr[k]) in v for k, v in (only or {}).items())]
 
 

@@ -10,27 +10,43 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import torch
+
 from . import metrics as M
-from .config import RunConfig
+from .config import DEFAULT_TOP_K, RunConfig
 from .errors import check_int
 from .inputs import prepare
 from .models import LoadedModel, load_model
+from .outputs import output_metrics
 from .recording import Recording
 from .runner import run, stage_keys
 from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable
 
 
-def ceilings(zs: Recording, by_order: list[dict[str, Recording]], seed: int) -> dict[str, dict[str, dict[str, float]]]:
+def ceilings(zs: Recording, by_order: list[dict[str, Recording]], seed: int,
+             loaded: LoadedModel | None = None, top_k: int = DEFAULT_TOP_K) -> dict[str, dict[str, dict[str, float]]]:
     """The ceiling of every similarity metric: a method against itself in another order of
     the same demonstrations (ICL_p vs ICL_q, GD_p vs GD_q, ...), each update taken against
     ZS as usual (metrics.compare with X_p in ICL's place and X_q in the finetuned one's).
+    With `loaded` (its unembed) and recordings that kept the prediction position's residual,
+    also the output metrics between the two orders' next-token distributions (outputs.py:
+    top-K overlap, overlap cosine, KL and JS with order p as the reference), under "out_<metric>".
     Per method and metric: mean, std, min and max over the order pairs p < q."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     methods = [m for m in by_order[0] if all(m in recs for recs in by_order)]
     pairs = [(a, b) for a in range(len(by_order)) for b in range(a + 1, len(by_order))]
     for m in methods:
-        per_pair = [{name: M.summarize(v)["mean"] for name, v in M.compare(zs, by_order[a][m], by_order[b][m], seed).items()}
-                    for a, b in pairs]
+        per_pair = []
+        for a, b in pairs:
+            ra, rb = by_order[a][m], by_order[b][m]
+            values = {name: M.summarize(v)["mean"] for name, v in M.compare(zs, ra, rb, seed).items()}
+            if loaded is not None and ra.final_resid is not None and rb.final_resid is not None:
+                W, bias = loaded.model.unembed.W_U, loaded.model.unembed.b_U
+                no_gold = torch.zeros(ra.final_resid.shape[0], dtype=torch.long)  # top-1 accuracy is not asked here
+                o = output_metrics(W, bias, {"p": ra.final_resid, "q": rb.final_resid}, no_gold, [("p", "q")], top_k,
+                                   loaded.model.cfg.output_logits_soft_cap)["pairs"]["p-q"]
+                values.update({f"out_{name}": float(v.mean()) for name, v in o.items()})
+            per_pair.append(values)
         out[m] = {name: _spread([p[name] for p in per_pair]) for name in per_pair[0]}
     return out
 
@@ -67,6 +83,9 @@ def run_orders(config: RunConfig, out: str | Path, loaded: LoadedModel | None = 
             row.update({f"{m}_{name}": v["mean"] for name, v in metrics.items() if "mean" in v})  # not the F2T entry
         if "alpha" in r:
             row["alpha"] = r["alpha"]["mean"]
+        outputs = r.get("outputs") or {}  # Shen et al.'s output-level view, per order
+        row.update({f"tok_{s}": v for s, v in (outputs.get("token_accuracy") or {}).items()})
+        row.update({f"out_{pair}_{name}": v for pair, vals in (outputs.get("pairs") or {}).items() for name, v in vals.items()})
         table.append(row)
     df = pd.DataFrame(table)
     spread = {}
@@ -90,7 +109,7 @@ def run_orders(config: RunConfig, out: str | Path, loaded: LoadedModel | None = 
         zs = zs_p if zs is None else zs  # the same in every order: the test prompts alone
         by_order.append(recs)
     summary = {"config": {**dataclasses.asdict(config), "methods": list(config.methods), "orders": n_orders},
-               "spread": spread, "prediction_stability": stability, "ceiling": ceilings(zs, by_order, config.seed)}
+               "spread": spread, "prediction_stability": stability, "ceiling": ceilings(zs, by_order, config.seed, loaded, config.top_k)}
     atomic_write_json(out / "orders.json", summary)
     atomic_write_bytes(out / "orders.csv", df.to_csv(index=False).encode())
     return summary

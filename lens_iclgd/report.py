@@ -38,11 +38,12 @@ from .findings import CLAIMS, Finding, unavailable
 from .config import LOSS_REDUCTIONS
 from .lr_rule import MEAN, SUM, best_lr, format_table
 from .store import atomic_write_bytes, atomic_write_text, read_toml
+from .tasks import PAPER_TASKS
 
 METRICS = ("SimAOU", "SimAOU_norm", "SimAOU_random", "SimAOU_random_text", "SimAOU_random_matched", "SimAM",
            "SimAM_delta", "Rec2FTP")
 BASELINE_NAMES = {"trained": "Trained", "untrained": "No Training", "embeddings": "Trained Embeddings"}
-TASK_ORDER = ("sst2", "sst5", "mr", "subj", "agnews", "cb")
+TASK_ORDER = PAPER_TASKS  # tables list tasks in the paper's order
 
 
 COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "loss", "step_plain",
@@ -162,6 +163,13 @@ def _recomputed_ids(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 CHOSEN_RATES = {"default": ("default", "auto"), "shared": ("shared",)}
 
 
+# The two protocols the tables and findings are decided at, never pooled: the committed
+# paper-scale cells' (summed loss, each method at its own chosen rate) and the paper's
+# (token-mean loss, GD's chosen rate shared by both methods; the default since issue 31).
+PROTOCOLS = {"paper": ("shared", MEAN, "the paper's protocol: token-mean loss, GD's chosen rate shared by both methods"),
+             "summed": ("default", SUM, "summed loss, each method at its own chosen rate")}
+
+
 def _paper_cells(rows: pd.DataFrame, rule: str = "default", loss: str = SUM) -> pd.DataFrame:
     """Rows at the chosen learning rates (`rule`: each method's own, or "shared": GD's),
     of one loss reduction, without ablation: what the tables, figures 2-4 and the findings
@@ -237,8 +245,9 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def table1(rows: pd.DataFrame) -> pd.DataFrame:
-    gd = _paper_cells(_one_row_per_run(rows))[lambda r: r["method"] == "gd"]
+def table1(rows: pd.DataFrame, protocol: str = "summed") -> pd.DataFrame:
+    rule, loss, _ = PROTOCOLS[protocol]
+    gd = _paper_cells(_one_row_per_run(rows), rule, loss)[lambda r: r["method"] == "gd"]
     keys = []
     for metric in ("SimAOU", "SimAOU_norm", "SimAM_delta", "SimAOU_random"):
         for b, name in BASELINE_NAMES.items():
@@ -353,9 +362,11 @@ def _plain(c: dict) -> bool:
     return _step_plain(c) and _loss(c) == SUM
 
 
-def _table2_cells(coll: Collected) -> list[dict]:
+def _table2_cells(coll: Collected, protocol: str = "summed") -> list[dict]:
+    rule, loss, _ = PROTOCOLS[protocol]
     return [c for c in coll.cells if c["config"]["baseline"] == "trained" and not c["config"].get("ablate")
-            and _lr_rule(c["config"]) in CHOSEN_RATES["default"] and _plain(c["config"]) and {"gd", "lcgd"} <= set(c["metrics"])]
+            and _lr_rule(c["config"]) in CHOSEN_RATES[rule] and _step_plain(c["config"]) and _loss(c["config"]) == loss
+            and {"gd", "lcgd"} <= set(c["metrics"])]
 
 
 def fig_per_layer(coll: Collected, path: Path) -> str | None:
@@ -484,13 +495,16 @@ def fig_ablation(rows: pd.DataFrame, path: Path) -> str | None:
 # --- findings ---------------------------------------------------------------------------------
 
 
-def findings(coll: Collected) -> list[Finding]:
-    """The paper's four findings (findings.CLAIMS) against one model's cells."""
+def findings(coll: Collected, protocol: str = "summed") -> list[Finding]:
+    """The paper's four findings (findings.CLAIMS) against one model's cells at one of
+    PROTOCOLS (the cells of the other protocol play no part)."""
+    rule, loss, scope = PROTOCOLS[protocol]
     rows, out = coll.rows, []
     if rows.empty:
         return [unavailable(n, "no finished cells yet.") for n in CLAIMS]
     rows = _one_row_per_run(rows)
-    gd = _paper_cells(rows)[lambda r: r["method"] == "gd"]
+    chosen = _paper_cells(rows, rule, loss)
+    gd = chosen[lambda r: r["method"] == "gd"]
     # only the (task, seed) pairs run for every baseline, so no baseline is averaged over other tasks
     per_pair = gd.groupby(["task", "seed"])["baseline"].nunique()
     pairs = per_pair[per_pair == gd["baseline"].nunique()].index
@@ -503,32 +517,32 @@ def findings(coll: Collected) -> list[Finding]:
                            f"GD SimAOU on the {len(pairs)} task-seed pairs run for every baseline "
                            f"({', '.join(_task_order(t for t, _ in pairs))}): trained {by_base['trained']:.3f} vs "
                            + ", ".join(f"{BASELINE_NAMES.get(b, b)} {v:.3f}" for b, v in others.items()),
-                           {f"SimAOU_{b}": float(v) for b, v in by_base.items()}, "at the chosen learning rates"))
+                           {f"SimAOU_{b}": float(v) for b, v in by_base.items()}, scope))
     else:
         out.append(unavailable(1, "needs GD cells of the trained and re-initialised baselines (table1): not available yet."))
-    # the paper's cells (chosen rates) when there are any, else the learning-rate sweep's
-    ft, source = _paper_cells(rows), "at the chosen learning rates"
+    # the cells at the chosen rates when there are any, else the same loss's learning-rate sweep
+    ft, source = chosen, scope
     if not ft["method"].isin(["gd", "lcgd"]).any():
-        ft, source = _sweep_cells(rows), "of the learning-rate sweep"
+        ft, source = _sweep_cells(rows, loss), f"every rate of the learning-rate sweep ({loss} loss)"
     ft = ft[ft["method"].isin(["gd", "lcgd"])].dropna(subset=["SimAOU", "SimAOU_norm"])
     if len(ft):
         diff = ft["SimAOU_norm"] - ft["SimAOU"]
         out.append(Finding(2, "agrees" if diff.mean() > 0 and (diff > 0).mean() > 0.5 else "does not agree",
                            f"mean SimAOU_norm {ft['SimAOU_norm'].mean():.3f} vs SimAOU {ft['SimAOU'].mean():.3f}; "
-                           f"higher in {100 * (diff > 0).mean():.0f}% of {len(ft)} cell-methods {source}",
+                           f"higher in {100 * (diff > 0).mean():.0f}% of {len(ft)} cell-methods",
                            {"SimAOU_norm": float(ft["SimAOU_norm"].mean()), "SimAOU": float(ft["SimAOU"].mean()),
                             "share_higher": float((diff > 0).mean())}, source))
     else:
         out.append(unavailable(2, "needs GD or LCGD cells: not available yet."))
-    t2 = table2(rows)
-    cells2 = _paper_cells(rows)[lambda r: r["baseline"] == "trained"]
+    t2 = table2(rows, rule, loss)
+    cells2 = chosen[lambda r: r["baseline"] == "trained"]
     if t2.empty:
         return out + [unavailable(n, "needs trained-model cells with both GD and LCGD (table2): not available yet.")
                       for n in (3, 4)]
     per_task = cells2.pivot_table(index="task", columns="method", values="SimAM_delta", aggfunc="mean").dropna()
     wins = int((per_task["lcgd"] > per_task["gd"]).sum()) if {"gd", "lcgd"} <= set(per_task.columns) else 0
     alpha = cells2[cells2["method"] == "gd"]["alpha"].dropna()
-    layer_gap = _layer_gap(coll)
+    layer_gap = _layer_gap(coll, protocol)
     majority, paper_alpha = wins > len(per_task) / 2, 0.05 <= alpha.mean() <= 0.3
     out.append(Finding(3, "agrees" if majority and paper_alpha else "partly agrees" if majority or paper_alpha else "does not agree",
                        f"LCGD's SimAM_delta is above GD's on {wins} of {len(per_task)} tasks (mean "
@@ -537,20 +551,19 @@ def findings(coll: Collected) -> list[Finding]:
                        f"{layer_gap[0]:+.3f} to {layer_gap[1]:+.3f}",
                        {"tasks_lcgd_above": wins, "tasks": len(per_task), "SimAM_delta_lcgd": float(per_task["lcgd"].mean()),
                         "SimAM_delta_gd": float(per_task["gd"].mean()), "alpha": float(alpha.mean())},
-                       "each method at its own chosen learning rate"))
-    cells = _table2_cells(coll)
+                       scope))
+    cells = _table2_cells(coll, protocol)
     ratio = [np.mean(np.array(c["grad_norms"]["lcgd"]) / np.array(c["grad_norms"]["gd"])) for c in cells]
     above = np.mean([np.mean(np.array(c["grad_norms"]["lcgd"]) > np.array(c["grad_norms"]["gd"])) for c in cells])
     out.append(Finding(4, "agrees" if np.mean(ratio) > 2 else "does not agree",
                        f"LCGD's per-layer gradient norms are {np.mean(ratio):.1f}x GD's on average (larger in "
                        f"{100 * above:.0f}% of layer-steps, {len(cells)} cells)",
-                       {"grad_norm_ratio": float(np.mean(ratio)), "share_larger": float(above)},
-                       "each method at its own chosen learning rate"))
+                       {"grad_norm_ratio": float(np.mean(ratio)), "share_larger": float(above)}, scope))
     return out
 
 
-def _layer_gap(coll: Collected) -> tuple[float, float]:
-    cells = _table2_cells(coll)
+def _layer_gap(coll: Collected, protocol: str = "summed") -> tuple[float, float]:
+    cells = _table2_cells(coll, protocol)
     gap = np.nanmean(_per_layer(cells, "lcgd", "SimAM_delta") - _per_layer(cells, "gd", "SimAM_delta"), 0)
     return float(np.nanmin(gap)), float(np.nanmax(gap))
 
@@ -641,6 +654,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                  "both (GD's chosen rate)", "table2_paper", table2(coll.rows, "shared", MEAN) if not empty else pd.DataFrame()),
                 ("Table 2 (token-mean loss, each method at its own chosen rate)", "table2_mean_own",
                  table2(coll.rows, "default", MEAN) if not empty else pd.DataFrame()),
+                ("Table 1 at the paper's protocol: vanilla GD against the model baselines, token-mean loss, GD's chosen "
+                 "rate", "table1_paper", table1(coll.rows, "paper") if not empty else pd.DataFrame()),
                 ("Table 1: vanilla GD against the model baselines (summed loss)", "table1",
                  table1(coll.rows) if not empty else pd.DataFrame()),
                 ("Table 2 (summed loss): GD vs LCGD on the trained model, each method at its own chosen learning rate",
@@ -648,7 +663,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                 ("Table 2 (summed loss, shared rate): GD vs LCGD on the trained model, both at GD's chosen learning rate",
                  "table2_shared", table2(coll.rows, "shared") if not empty else pd.DataFrame())]
     for title, name, table in sections:
-        if name in ("table2_paper", "table2_mean_own", "table2_shared") and table.empty:
+        if name in ("table1_paper", "table2_paper", "table2_mean_own", "table2_shared") and table.empty:
             continue  # only where such cells were run
         lines += [f"## {title}", ""]
         if table.empty:
@@ -656,12 +671,13 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
             continue
         atomic_write_text(out / f"{name}.md", _markdown(table) + "\n")
         atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
-        regime = {"table1": "GD at its chosen learning rate", "table2": "each method at its own chosen learning rate",
+        regime = {"table1": "GD at its chosen learning rate", "table1_paper": "GD at its chosen learning rate",
+                  "table2": "each method at its own chosen learning rate",
                   "table2_shared": "both methods at GD's chosen learning rate",
                   "table2_paper": "both methods at GD's chosen learning rate",
                   "table2_mean_own": "each method at its own chosen learning rate"}[name]
-        loss = ("the mean of the demonstration's token losses (the paper's code)" if name.startswith("table2_")
-                and name != "table2_shared" else "loss summed over the demonstration's tokens (before issue 31)")
+        loss = ("the mean of the demonstration's token losses (the paper's code)" if name in (
+            "table1_paper", "table2_paper", "table2_mean_own") else "loss summed over the demonstration's tokens (before issue 31)")
         lines += [_markdown(table), "", f"Cells: mean ± std over seeds (metrics: mean over layers). Learning rates: "
                   f"{regime} (learning_rates.toml, or --lr auto in the cell); {loss}; rows of output metrics and F2T "
                   "only where the cells recorded them.", ""]
@@ -698,13 +714,17 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
     rate_lines = rates.section(coll.cells, out)
     if rate_lines:
         lines += ["## Finding 3 by learning rate and update size", "", rates.INTRO, ""] + rate_lines
-    shen_lines = shen.section(results_dir, model)
+    shen_lines = shen.section(results_dir, model, out)
     if shen_lines:
         lines += ["## Shen et al.: order sensitivity and output-level comparisons", "",
                   "Rules: " + " ".join(line.strip() for line in shen.__doc__.split("\n\n")[1].splitlines()), ""] + shen_lines
     causal_lines = patch_report.section(results_dir, model, out)
     if causal_lines:
         lines += ["## Where the effect is carried: activation patching", ""] + causal_lines
-    lines += ["## Findings (docs/protocol.md) against these results", ""] + [f.markdown() for f in findings(coll)] + [""]
+    lines += ["## Findings (docs/protocol.md) against these results", ""]
+    by_protocol = {p: findings(coll, p) for p in PROTOCOLS}
+    shown = [p for p, fs in by_protocol.items() if any(f.verdict != "not available" for f in fs)] or ["paper"]
+    for p in shown:  # each protocol that has cells, apart; the paper's (the default) when none has
+        lines += [f"At {PROTOCOLS[p][2]}:", ""] + [f.markdown() for f in by_protocol[p]] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out

@@ -114,10 +114,13 @@ def test_seeds_and_tasks_run_a_subset_and_the_grid_stays_whole(tmp_path, tiny_hf
 
     dry = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0,1", "--dry-run"])
     assert dry.returncode == 0 and dry.stdout.count("to run: ") == 3 and len(list(results.glob("cells/*/results.json"))) == 1
+    same = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0,1", "--models", str(tiny_hf_dir), "--dry-run"])
+    assert same.returncode == 0 and same.stdout.count("to run: ") == 3  # the grid's one model: the same cells
     out = run_cli(["grid", str(config), "--results", str(results), "--seeds", "0,1"])  # resumes: mr seed 0 is done
     assert out.returncode == 0 and "4 cells in shard 0/1, 1 already done, 3 to run" in out.stdout
     for bad, message in ((["--seeds", "5"], "--seeds 5: not in grid tiny's seeds (0, 1, 2)"),
                          (["--tasks", "subj"], "--tasks subj: not in grid tiny's tasks (sst2, mr)"),
+                         (["--models", "gpt2"], "--models gpt2: not in grid tiny's models"),
                          (["--seeds", "x"], "--seeds 'x': use a comma-separated list, e.g. --seeds 0,1")):
         out = run_cli(["grid", str(config), "--results", str(results)] + bad)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr

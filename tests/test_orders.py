@@ -52,9 +52,23 @@ def test_ceiling_is_one_against_the_same_order_and_matches_a_direct_computation(
     direct = torch.nn.functional.cosine_similarity(d0, d1, dim=-1).mean(0).mean().item()
     assert summary["ceiling"]["icl"]["SimAOU"]["mean"] == pytest.approx(direct, abs=1e-5)
     assert summary["ceiling"]["icl"]["SimAOU"]["n_pairs"] == 1 and direct < 0.999  # the order matters
-    same = ceilings(zs, [recs[0], recs[0]], seed=0)["icl"]
-    for name in ("SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta"):
+    same = ceilings(zs, [recs[0], recs[0]], seed=0, loaded=loaded)["icl"]
+    for name in ("SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta", "out_top_k_overlap", "out_overlap_cosine"):
         assert same[name]["mean"] == pytest.approx(1.0, abs=1e-5), name
+    assert same["out_kl"]["mean"] == pytest.approx(0.0, abs=1e-5) and same["out_js"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    # the output-level ceiling against the other order, from full logits computed here
+    W, b = loaded.model.unembed.W_U.double(), loaded.model.unembed.b_U.double()
+    p0, p1 = (torch.softmax(r["icl"].final_resid.double() @ W + b, -1) for r in recs)
+    mix = (p0 + p1) / 2
+    js = (0.5 * (p0 * (p0 / mix).log()).sum(-1) + 0.5 * (p1 * (p1 / mix).log()).sum(-1)).mean().item()
+    kl = (p0 * (p0 / p1).log()).sum(-1).mean().item()
+    assert summary["ceiling"]["icl"]["out_js"]["mean"] == pytest.approx(js, abs=1e-5)
+    assert summary["ceiling"]["icl"]["out_kl"]["mean"] == pytest.approx(kl, abs=1e-5) and kl > 1e-6
+    top0, top1 = p0.topk(10).indices, p1.topk(10).indices
+    overlap = sum(len(set(a.tolist()) & set(c.tolist())) for a, c in zip(top0, top1)) / (10 * len(top0))
+    assert summary["ceiling"]["icl"]["out_top_k_overlap"]["mean"] == pytest.approx(overlap, abs=1e-6)
+    table = pd.read_csv(tmp_path / "o" / "orders.csv")
+    assert {"tok_zs", "tok_icl", "out_zs-icl_js"} <= set(table.columns)  # output metrics per order, for their spread
 
 
 def test_a_grid_runs_order_cells_and_the_report_reads_them(tmp_path, tiny_hf_dir):

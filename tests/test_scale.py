@@ -189,7 +189,7 @@ def test_crossmodel_tables_are_each_models_own_means(tmp_path, two_model_results
     assert text.count("4 cells: k 3, n-test 6, seeds 0, 1, 1 tasks, baselines trained, untrained") == 2
     # the rates those cells ran at: no table entry for these models, so the paper's rate for sst2
     paper_lr = tomllib.loads((ROOT / "lens_iclgd" / "tasks" / "sst2.toml").read_text())["paper_lr"]
-    assert text.count(f"Learning rates of the chosen-rate cells: sst2 GD {paper_lr:g} (the paper's 1.3B rate); "
+    assert text.count(f"Learning rates of the chosen-rate cells (summed loss, each method's own rate): sst2 GD {paper_lr:g} (the paper's 1.3B rate); "
                       f"LCGD {paper_lr:g} (the paper's 1.3B rate).") == 2
     assert "what rules out the code" in text
 
@@ -327,3 +327,54 @@ def test_table1_counts_a_trained_run_shared_by_tables_1_and_2_once():
     trained = table1(rows).set_index("row").loc["Trained — SimAOU"]
     assert trained["sst2_n"] == 3
     assert trained["sst2_mean"] == pytest.approx(0.2) and trained["sst2_std"] == pytest.approx(0.1)  # not 0.175 / 0.096
+
+
+def test_findings_are_decided_per_protocol_and_never_pool_the_two_losses():
+    from lens_iclgd.report import COLUMNS, Collected, findings, table1
+
+    def row(baseline, simaou, loss, rule, cell):
+        return {**dict.fromkeys(COLUMNS), "cell": cell, "model": "m", "baseline": baseline, "task": "sst2", "seed": 0,
+                "method": "gd", "lr": 1e-3 if loss == "mean" else 1e-5, "lr_rule": rule, "plain": loss == "sum",
+                "loss": loss, "step_plain": True, "ablate": "", "k": 32, "n_test": 10,
+                "SimAOU": simaou, "SimAOU_norm": simaou - 0.05}
+
+    # summed loss: the untrained model far below the trained one; token-mean loss, shared rate: above it
+    rows = pd.DataFrame([row("trained", 0.30, "sum", "default", "a"), row("untrained", 0.10, "sum", "default", "b"),
+                         row("trained", 0.10, "mean", "shared", "c"), row("untrained", 0.20, "mean", "shared", "d")],
+                        columns=COLUMNS)
+    coll = Collected(rows, [], 0, [], 0, 0)
+    summed, paper = findings(coll, "summed"), findings(coll, "paper")
+    assert summed[0].verdict == "does not agree" and summed[0].numbers["SimAOU_trained"] == pytest.approx(0.30)
+    assert paper[0].verdict == "agrees" and paper[0].numbers == {"SimAOU_trained": pytest.approx(0.10),
+                                                                 "SimAOU_untrained": pytest.approx(0.20)}
+    assert "token-mean loss" in paper[0].scope and "summed loss" in summed[0].scope
+    assert paper[1].numbers["SimAOU"] == pytest.approx(0.15) and paper[1].verdict == "does not agree"  # 2 mean rows only
+    assert table1(rows, "paper").set_index("row").loc["Trained — SimAOU", "sst2_mean"] == pytest.approx(0.10)
+    assert table1(rows).set_index("row").loc["Trained — SimAOU", "sst2_mean"] == pytest.approx(0.30)
+
+
+def test_paper_protocol_cells_get_their_own_tables_and_verdict_rows(tmp_path, tiny_hf_dir, second_hf_dir):
+    """Cells at the default protocol (token-mean loss, GD's rate shared) feed the
+    paper's-protocol Table 1 and findings, apart from the summed-loss ones; the numbers are
+    the cells' own means."""
+    from conftest import grid_file
+
+    config = grid_file(tmp_path / "g.toml", [tiny_hf_dir, second_hf_dir], _data_copy(tmp_path / "data"), name="paper",
+                       baselines=["trained", "untrained"], seeds=[0])
+    results, out = tmp_path / "results", tmp_path / "report"
+    assert run_cli(["grid", str(config), "--results", str(results)], timeout=900).returncode == 0
+    assert run_cli(["report", str(results), "--out", str(out)]).returncode == 0
+    cells = [json.loads(f.read_text()) for f in results.glob("cells/*/results.json")]
+    assert {c["config"]["loss_reduction"] for c in cells} == {"mean"} and {c["config"]["lr_rule"] for c in cells} == {"shared"}
+    side = pd.read_csv(out / "crossmodel_table1_paper.csv").set_index("row")
+    for c in cells:
+        name = {"trained": "Trained", "untrained": "No Training"}[c["config"]["baseline"]]
+        assert side.loc[f"{name} — SimAOU", c["config"]["model"]] == pytest.approx(c["metrics"]["gd"]["SimAOU"]["mean"], abs=1e-4)
+    assert not (out / "crossmodel_table1.csv").exists()  # no summed-loss cells: no summed-loss table
+    text = (out / "report.md").read_text()
+    assert "| 1. SimAOU alone is no evidence | paper's protocol: token-mean loss, GD's rate shared | " in text
+    assert "| 1. SimAOU alone is no evidence | summed loss, each method's own rate | not available" in text
+    assert "## Findings (docs/protocol.md) per model (paper's protocol: token-mean loss, GD's rate shared)" in text
+    per_model = (out / Path(str(tiny_hf_dir)).name / "report.md").read_text()
+    assert "At the paper's protocol: token-mean loss, GD's chosen rate shared by both methods:" in per_model
+    assert "At summed loss" not in per_model  # no summed-loss cells: that protocol's findings are not shown

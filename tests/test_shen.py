@@ -31,7 +31,14 @@ def test_claims_follow_their_rules(tmp_path):
     verdicts = {c["name"][:2]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
     assert verdicts == {"S1": "agrees", "S2": "agrees", "S3": "agrees"}
     text = "\n".join(shen.section(tmp_path, "m"))
-    assert "| SimAOU | 0.100 | 0.200 | 0.500 | 0.900 | 0.900 |" in text and "2 order-study cells" in text
+    assert "| SimAOU | 0.100 | 0.200 | 0.500 | 0.900 | 0.900 | 0.020 | 0.020 |" in text and "2 order-study cells" in text
+    assert "| sst2 | - / - | 0.300 / 0.100 / 0.200 | 0.700 / 0.900 / 0.800 |" in text  # per task, paper order
+    assert text.index("| sst2 |") < text.index("| mr |")
+    figure = tmp_path / "report"
+    figure.mkdir()
+    assert "![fig_orders.png]" in "\n".join(shen.section(tmp_path, "m", figure)) and (figure / "fig_orders.png").stat().st_size
+    across = "\n".join(shen.crossmodel_section(tmp_path))
+    assert "| m | sst2, mr | agrees: mean pairwise disagreement" in across and "| 0.100 / 0.200 / 0.500 |" in across
 
 
 def test_claims_can_be_rejected(tmp_path):
