@@ -101,10 +101,11 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
     lines += ["## Figure: per-layer SimAM_delta by depth", ""]
     lines += ([f"![fig_crossmodel_simam_delta.png](fig_crossmodel_simam_delta.png)", "", f"*{caption}*", ""]
               if caption else ["No model has trained-model cells with GD and LCGD yet.", ""])
-    shen_lines = shen.crossmodel_section(results_dir)
+    expected = set(R._expected_cells(Path(results_dir)))  # cells of older settings stay out, as in collect()
+    shen_lines = shen.crossmodel_section(results_dir, expected)
     if shen_lines:
         lines += ["## Shen et al.: order sensitivity and output-level comparisons, per model", ""] + shen_lines
-    causal_lines = patch_report.crossmodel_section(results_dir, out)
+    causal_lines = patch_report.crossmodel_section(results_dir, out, expected)
     if causal_lines:
         lines += ["## Where the effect is carried: activation patching, per model", ""] + causal_lines
     atomic_write_text(out / "cost_table.md", cost_table_markdown(results_dir))

@@ -33,10 +33,15 @@ RULE = (f"per model and finetuning method, the mean over tasks of the attn_out a
 WRITERS = ("attn_out", "mlp_out")
 
 
-def patching_cells(results_dir: str | Path, model: str | None = None) -> list[dict[str, Any]]:
-    """Every finished patching cell (cells/*/patching.json), with its wall time."""
+def patching_cells(results_dir: str | Path, model: str | None = None,
+                   expected: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every finished patching cell (cells/*/patching.json), with its wall time; with
+    `expected` (the cell ids the recorded grids define), only those: a cell made at an
+    older setting (e.g. a rate since chosen anew) is left out, as report.collect does."""
     out = []
     for f in sorted(Path(results_dir).glob("cells/*/patching.json")):
+        if expected and f.parent.name not in expected:
+            continue
         cell = json.loads(f.read_text())
         if model is not None and cell["config"]["model"] != model:
             continue
@@ -84,10 +89,10 @@ def model_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def section(results_dir: str | Path, model: str | None, out: Path) -> list[str]:
+def section(results_dir: str | Path, model: str | None, out: Path, expected: set[str] | None = None) -> list[str]:
     """One model's causal-study section (empty without patching cells), and its figure;
     `model` None: the results directory holds one model's cells."""
-    cells = patching_cells(results_dir, model)
+    cells = patching_cells(results_dir, model, expected)
     if not cells:
         return []
     model = model or ", ".join(sorted({c["config"]["model"] for c in cells}))
@@ -163,10 +168,10 @@ def fig_profiles(cells: list[dict[str, Any]], path: Path, by_model: bool = False
             "(each cell's rates in the table).")
 
 
-def crossmodel_section(results_dir: str | Path, out: Path) -> list[str]:
+def crossmodel_section(results_dir: str | Path, out: Path, expected: set[str] | None = None) -> list[str]:
     """The causal study across models: one row per model, and the profiles of all models
     on one depth axis."""
-    cells = patching_cells(results_dir)
+    cells = patching_cells(results_dir, expected=expected)
     if not cells:
         return []
     models = sorted({c["config"]["model"] for c in cells})

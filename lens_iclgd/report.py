@@ -714,11 +714,12 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
     rate_lines = rates.section(coll.cells, out)
     if rate_lines:
         lines += ["## Finding 3 by learning rate and update size", "", rates.INTRO, ""] + rate_lines
-    shen_lines = shen.section(results_dir, model, out)
+    expected = set(_expected_cells(Path(results_dir)))  # cells of older settings stay out, as in collect()
+    shen_lines = shen.section(results_dir, model, out, expected)
     if shen_lines:
         lines += ["## Shen et al.: order sensitivity and output-level comparisons", "",
                   "Rules: " + " ".join(line.strip() for line in shen.__doc__.split("\n\n")[1].splitlines()), ""] + shen_lines
-    causal_lines = patch_report.section(results_dir, model, out)
+    causal_lines = patch_report.section(results_dir, model, out, expected)
     if causal_lines:
         lines += ["## Where the effect is carried: activation patching", ""] + causal_lines
     lines += ["## Findings (docs/protocol.md) against these results", ""]

@@ -38,10 +38,13 @@ CEILING_METRICS = INTERNAL + tuple(f"out_{o}" for o in OUTPUT)
 METHODS = ("icl", "gd", "lcgd")
 
 
-def order_cells(results_dir: str | Path, model: str | None = None) -> list[dict[str, Any]]:
-    """Every finished order-study cell (cells/*/orders.json) with its order-0 results."""
+def order_cells(results_dir: str | Path, model: str | None = None, expected: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every finished order-study cell (cells/*/orders.json) with its order-0 results; with
+    `expected` (the cell ids the recorded grids define), only those, as report.collect does."""
     out = []
     for f in sorted(Path(results_dir).glob("cells/*/orders.json")):
+        if expected and f.parent.name not in expected:
+            continue
         summary = json.loads(f.read_text())
         first = f.parent / "order0" / "results.json"
         if model is not None and summary["config"]["model"] != model or not first.exists():
@@ -203,10 +206,11 @@ def fig_orders(df: pd.DataFrame, path: Path) -> str | None:
                  "LCGD (order 0) beside each method against itself in another order (the ceiling).")
 
 
-def section(results_dir: str | Path, model: str | None = None, out: str | Path | None = None) -> list[str]:
+def section(results_dir: str | Path, model: str | None = None, out: str | Path | None = None,
+            expected: set[str] | None = None) -> list[str]:
     """The report section for one model (or all cells); empty without order-study cells.
     With `out`, the figure fig_orders.png goes there."""
-    df = frame(order_cells(results_dir, model))
+    df = frame(order_cells(results_dir, model, expected))
     if df.empty:
         return []
     lines = [f"{len(df)} order-study cells ({', '.join(df['task'])}; "
@@ -228,10 +232,10 @@ def section(results_dir: str | Path, model: str | None = None, out: str | Path |
     return lines
 
 
-def crossmodel_section(results_dir: str | Path) -> list[str]:
+def crossmodel_section(results_dir: str | Path, expected: set[str] | None = None) -> list[str]:
     """Per model: each claim's verdict with its numbers, and SimAM_delta ICL-GD beside ICL's
     ceiling; empty without order-study cells."""
-    df = frame(order_cells(results_dir))
+    df = frame(order_cells(results_dir, expected=expected))
     if df.empty:
         return []
     lines = ["| model | tasks | S1 order sensitivity | S2 output closer to ZS's | S3 token vs label accuracy | "

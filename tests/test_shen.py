@@ -50,3 +50,18 @@ def test_claims_can_be_rejected(tmp_path):
     verdicts = {c["name"][:2]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
     assert verdicts == {"S1": "does not agree", "S2": "does not agree", "S3": "does not agree"}
     assert shen.section(tmp_path, "another model") == []
+
+
+def test_cells_of_older_settings_are_left_out(tmp_path):
+    """A cell folder the recorded grids no longer define (e.g. made at a rate since chosen
+    anew) stays out of the order-study and causal-study sections, as collect() does."""
+    from lens_iclgd import patch_report
+
+    for name in ("current", "stale"):
+        _cell(tmp_path, name, "sst2", {"zs": 0.0, "icl": 0.3, "gd": 0.1, "lcgd": 0.2}, (0.01, 0.05),
+              {"zs": 0.1, "icl": 0.6, "gd": 0.2, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.8, "gd": 0.75, "lcgd": 0.7})
+        (tmp_path / "cells" / name / "patching.json").write_text(json.dumps({"config": {"model": "m"}}))
+    assert [c["_path"].rsplit("/", 1)[1] for c in shen.order_cells(tmp_path, expected={"current"})] == ["current"]
+    assert len(shen.order_cells(tmp_path)) == 2  # no grid recorded: every finished cell
+    assert len(patch_report.patching_cells(tmp_path, "m", {"current"})) == 1
+    assert len(patch_report.patching_cells(tmp_path, "m")) == 2
