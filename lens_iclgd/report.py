@@ -612,8 +612,14 @@ def manifest_lines(manifest: dict[str, Any], results_dir: str | Path, coll: Coll
             name = tomllib.loads(path.read_text()).get("name", path.stem)
         except (OSError, tomllib.TOMLDecodeError):
             name = path.stem
-        mine = [by_name[i] for i in ids.get(name, {}) if i in by_name]
-        lines.append(f"| {g['config']} | {len(mine)} / {len(ids.get(name, {}))} | {_made_at(mine)} |")
+        cells = Path(results_dir) / "cells"
+        # order-study and causal-study cells are finished by their orders.json / patching.json;
+        # an order cell's version is its first order's
+        done = [i for i in ids.get(name, {}) if i in by_name or (cells / i / "orders.json").exists()
+                or (cells / i / "patching.json").exists()]
+        made = [by_name[i] if i in by_name else json.loads((cells / i / "order0" / "results.json").read_text())
+                for i in done if i in by_name or (cells / i / "order0" / "results.json").exists()]
+        lines.append(f"| {g['config']} | {len(done)} / {len(ids.get(name, {}))} | {_made_at(made)} |")
     lines += [""] + [f"- {o['what']}" for o in manifest.get("other", [])] + [""]
     return lines
 

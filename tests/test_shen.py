@@ -65,3 +65,20 @@ def test_cells_of_older_settings_are_left_out(tmp_path):
     assert len(shen.order_cells(tmp_path)) == 2  # no grid recorded: every finished cell
     assert len(patch_report.patching_cells(tmp_path, "m", {"current"})) == 1
     assert len(patch_report.patching_cells(tmp_path, "m")) == 2
+
+
+def test_the_manifest_counts_finished_order_and_patching_cells(tmp_path):
+    from lens_iclgd.report import Collected, manifest_lines
+
+    _cell(tmp_path, "ordered", "sst2", {"zs": 0.0, "icl": 0.3, "gd": 0.1, "lcgd": 0.2}, (0.01, 0.05),
+          {"zs": 0.1, "icl": 0.6, "gd": 0.2, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.8, "gd": 0.75, "lcgd": 0.7})
+    (tmp_path / "cells" / "patched").mkdir()
+    (tmp_path / "cells" / "patched" / "patching.json").write_text(json.dumps({"config": {"model": "m"}}))
+    (tmp_path / "grids").mkdir()
+    ids = {i: {"model": "m", "baseline": "trained", "task": "sst2", "seed": 0} for i in ("ordered", "patched", "missing")}
+    (tmp_path / "grids" / "g.json").write_text(json.dumps({"name": "g", "cells": ids}))
+    config = tmp_path / "g.toml"
+    config.write_text('name = "g"\n')
+    manifest = {"grid": [{"config": str(config), "command": "lens-iclgd grid g.toml"}], "report": {"command": "report"}}
+    text = "\n".join(manifest_lines(manifest, tmp_path, Collected(None, [], 0)))
+    assert f"| {config} | 2 / 3 |" in text
