@@ -67,11 +67,11 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
     atomic_write_bytes(out / "icl_gain.csv", gain.to_csv(index=False, float_format="%.4f").encode())
     lines += ["## The premise: ICL - ZS accuracy per model", ""] + icl_gain_body(gain, times)
 
-    tables = {"paper": (("Table 1", lambda rows: R.table1(rows, "paper")), ("Table 2", lambda rows: R.table2(rows, "shared", R.MEAN))),
-              "summed": (("Table 1", R.table1), ("Table 2", R.table2))}
+    makers = {"Table 1": R.table1, "Table 2": lambda rows, protocol: R.table2(rows, *R.PROTOCOLS[protocol][:2])}
     for protocol in ("paper", "summed"):
-        for name, make in tables[protocol]:
-            table = side_by_side({m: make(c.rows) if not c.rows.empty else pd.DataFrame() for m, c in per_model.items()})
+        for name, make in makers.items():
+            table = side_by_side({m: make(c.rows, protocol) if not c.rows.empty else pd.DataFrame()
+                                  for m, c in per_model.items()})
             if table.empty and protocol == "paper":
                 continue  # only once some model has cells at the paper's protocol
             lines += [f"## {name}, mean over tasks, per model ({PROTOCOL_TITLES[protocol]})", ""]
@@ -80,13 +80,13 @@ def write_reports(results_dir: str | Path, out_dir: str | Path | None = None, co
                 continue
             slug = name.lower().replace(" ", "") + ("_paper" if protocol == "paper" else "")
             atomic_write_bytes(out / f"crossmodel_{slug}.csv", table.to_csv(index=False, float_format="%.4f").encode())
-            rates_used = {("paper", "Table 1"): "GD at its chosen rate.", ("paper", "Table 2"): "GD's chosen rate, shared by LCGD (regime a).",
-                          ("summed", "Table 1"): "GD at its chosen rate.", ("summed", "Table 2"): "each method at its own chosen rate (regime b)."}
+            rates_used = ("GD at its chosen rate." if name == "Table 1" else "GD's chosen rate, shared by LCGD (regime a)."
+                          if protocol == "paper" else "each method at its own chosen rate (regime b).")
             lines += [R._plain_markdown(_with_spread(table, models)), "",
                       f"Each cell: the mean column of that model's {name} (mean over tasks of the mean over seeds) ± its "
                       "standard deviation over seeds (of the task-averaged value; only where every task has every seed), "
                       "and [the lowest, the highest] task mean; a model's tasks are those with cells at this protocol. "
-                      f"Learning rates: {rates_used[protocol, name]} Loss: "
+                      f"Learning rates: {rates_used} Loss: "
                       + ("the mean of the demonstration's token losses (the paper's code)." if protocol == "paper"
                          else "summed over the demonstration's tokens."), ""]
 

@@ -36,17 +36,16 @@ def ceilings(zs: Recording, by_order: list[dict[str, Recording]], seed: int,
     methods = [m for m in by_order[0] if all(m in recs for recs in by_order)]
     pairs = [(a, b) for a in range(len(by_order)) for b in range(a + 1, len(by_order))]
     for m in methods:
-        per_pair = []
-        for a, b in pairs:
-            ra, rb = by_order[a][m], by_order[b][m]
-            values = {name: M.summarize(v)["mean"] for name, v in M.compare(zs, ra, rb, seed).items()}
-            if loaded is not None and ra.final_resid is not None and rb.final_resid is not None:
-                W, bias = loaded.model.unembed.W_U, loaded.model.unembed.b_U
-                no_gold = torch.zeros(ra.final_resid.shape[0], dtype=torch.long)  # top-1 accuracy is not asked here
-                o = output_metrics(W, bias, {"p": ra.final_resid, "q": rb.final_resid}, no_gold, [("p", "q")], top_k,
-                                   loaded.model.cfg.output_logits_soft_cap)["pairs"]["p-q"]
-                values.update({f"out_{name}": float(v.mean()) for name, v in o.items()})
-            per_pair.append(values)
+        per_pair = [{name: M.summarize(v)["mean"] for name, v in M.compare(zs, by_order[a][m], by_order[b][m], seed).items()}
+                    for a, b in pairs]
+        resid = {str(p): recs[m].final_resid for p, recs in enumerate(by_order)}
+        if loaded is not None and all(r is not None for r in resid.values()):
+            # one call for every pair: each order's top K is found once, not once per pair
+            no_gold = torch.zeros(resid["0"].shape[0], dtype=torch.long)  # top-1 accuracy is not asked here
+            o = output_metrics(loaded.model.unembed.W_U, loaded.model.unembed.b_U, resid, no_gold,
+                               [(str(a), str(b)) for a, b in pairs], top_k, loaded.model.cfg.output_logits_soft_cap)["pairs"]
+            for (a, b), values in zip(pairs, per_pair):
+                values.update({f"out_{name}": float(v.mean()) for name, v in o[f"{a}-{b}"].items()})
         out[m] = {name: _spread([p[name] for p in per_pair]) for name in per_pair[0]}
     return out
 
