@@ -63,6 +63,23 @@ def cost_rows(results_dir: str | Path, k: int = 32) -> list[str]:
     return out
 
 
+def cell_seconds(cell_dir: str | Path) -> float | None:
+    """What one finished cell cost from nothing: the sum of its phases' recorded wall times,
+    a stage it reused counted at the time it took when made (a resumed cell's `total` covers
+    only the resumed part). An order cell: ZS once, ICL, GD and LCGD once per order. A
+    patching cell: its recordings, layer and head patching and task vectors. None when the
+    cell has no timings."""
+    d = Path(cell_dir)
+    if (d / "patching_timings.json").exists():
+        t = json.loads((d / "patching_timings.json").read_text())
+        return sum(v for k, v in t.items() if k != "total" and isinstance(v, (int, float)))
+    files = [d / "timings.json"] if (d / "timings.json").exists() else sorted(d.glob("order*/timings.json"))
+    if not files:
+        return None
+    orders = [json.loads(f.read_text()) for f in files]
+    return sum(orders[0].get(p) or 0 for p in PHASES[:1]) + sum(t.get(p) or 0 for t in orders for p in PHASES[1:])
+
+
 def cost_table_markdown(results_dir: str | Path, k: int = 32) -> str:
     return "\n".join(["# Cost of the committed paper-scale cells", "",
                       "Wall time per phase of every committed cell at k " + str(k) + " (lens_iclgd/costs.py; "

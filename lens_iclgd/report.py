@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from . import patch_report, rates, shen
+from . import costs, patch_report, rates, shen
 from .findings import CLAIMS, Finding, unavailable
 from .config import LOSS_REDUCTIONS
 from .lr_rule import MEAN, SUM, best_lr, format_table
@@ -605,7 +605,8 @@ def manifest_lines(manifest: dict[str, Any], results_dir: str | Path, coll: Coll
              "a grid command runs only its missing cells):", "", "```", *commands, manifest["report"]["command"], "```", ""]
     ids = grid_cells(results_dir)
     by_name = {Path(c["_path"]).name: c for c in coll.cells}
-    lines += ["| grid config | cells finished / defined here | made at (version, commit) |", "|---|---|---|"]
+    lines += ["| grid config | cells finished / defined here | made at (version, commit) | one cell from nothing, "
+              "median s | the missing cells at that median, h |", "|---|---|---|---|---|"]
     for g in manifest.get("grid", []):
         path = Path(g["config"])
         try:
@@ -619,8 +620,17 @@ def manifest_lines(manifest: dict[str, Any], results_dir: str | Path, coll: Coll
                 or (cells / i / "patching.json").exists()]
         made = [by_name[i] if i in by_name else json.loads((cells / i / "order0" / "results.json").read_text())
                 for i in done if i in by_name or (cells / i / "order0" / "results.json").exists()]
-        lines.append(f"| {g['config']} | {len(done)} / {len(ids.get(name, {}))} | {_made_at(made)} |")
-    lines += [""] + [f"- {o['what']}" for o in manifest.get("other", [])] + [""]
+        seconds = [s for s in (costs.cell_seconds(cells / i) for i in done) if s is not None]
+        median = float(np.median(seconds)) if seconds else None
+        n_missing = len(ids.get(name, {})) - len(done)
+        rest = "-" if median is None else f"{median * n_missing / 3600:.1f}"
+        lines.append(f"| {g['config']} | {len(done)} / {len(ids.get(name, {}))} | {_made_at(made)} | "
+                     f"{'-' if median is None else f'{median:.0f}'} | {rest} |")
+    lines += ["", "The cost columns are a planning estimate, not a benchmark: a cell's phases' wall times as recorded "
+              "(a reused stage at the time it took when made; costs.cell_seconds), on whatever machine and load ran it "
+              "(timings.json `machine`; mostly 1 thread per process, 2-3 processes on 2 cores). A sweep's cells share their "
+              "ZS and ICL recordings, so the rest of a sweep costs less than the estimate.", ""]
+    lines += [f"- {o['what']}" for o in manifest.get("other", [])] + [""]
     return lines
 
 

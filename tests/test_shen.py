@@ -82,3 +82,24 @@ def test_the_manifest_counts_finished_order_and_patching_cells(tmp_path):
     manifest = {"grid": [{"config": str(config), "command": "lens-iclgd grid g.toml"}], "report": {"command": "report"}}
     text = "\n".join(manifest_lines(manifest, tmp_path, Collected(None, [], 0)))
     assert f"| {config} | 2 / 3 |" in text
+
+
+def test_a_cells_cost_from_nothing_counts_reused_stages_and_each_order(tmp_path):
+    from lens_iclgd.costs import cell_seconds
+
+    plain = tmp_path / "plain"
+    plain.mkdir()  # resumed: `total` is the resumed part only; the phases are the cost
+    (plain / "timings.json").write_text(json.dumps({"zs": 2.0, "icl": 3.0, "gd": 5.0, "lcgd": 7.0, "total": 1.0,
+                                                    "reused": ["zs", "icl"], "machine": {"threads": 1}}))
+    assert cell_seconds(plain) == 17.0
+    ordered = tmp_path / "ordered"
+    for i in range(3):  # ZS is one recording for every order; ICL, GD and LCGD are per order
+        (ordered / f"order{i}").mkdir(parents=True)
+        (ordered / f"order{i}" / "timings.json").write_text(json.dumps({"zs": 2.0, "icl": 3.0, "gd": 5.0, "lcgd": 7.0 + i}))
+    assert cell_seconds(ordered) == 2.0 + 3 * 15.0 + 3.0
+    patched = tmp_path / "patched"
+    patched.mkdir()
+    (patched / "patching_timings.json").write_text(json.dumps({"record_zs": 4.0, "layers_icl": 6.0, "total": 0.5,
+                                                              "machine": {"cpu": "x"}}))
+    assert cell_seconds(patched) == 10.0
+    assert cell_seconds(tmp_path) is None
