@@ -39,6 +39,7 @@ from .patching import (COMPONENTS, LastToken, head_indirect_effect, last_token_a
                        recovered_share, shuffled_label_demos, task_vector_accuracy)
 from .precision import policy
 from .runner import stage_keys
+from .provenance import provenance
 from .store import StageStore, atomic_write_bytes, atomic_write_json, check_writable, config_key, removed_if_empty_on_error
 from .tasks import load_split
 
@@ -230,9 +231,10 @@ def run_patching(config: RunConfig, out: str | Path, loaded: LoadedModel | None 
         fig_layers(result, out / "patching_layers.png")
         if result["heads"]:
             fig_heads(result, out / "patching_heads.png")
-        # each phase's seconds as measured when computed (kept with its stage); `total`: this run's own
+        # each phase's seconds as measured when computed (kept with its stage); `total`: this run's own.
+        # The code version goes here, not into patching.json, which stays byte-for-byte reproducible.
         atomic_write_json(out / "patching_timings.json", {**seconds, "total": round(time.perf_counter() - t0, 2),
-                                                           "machine": describe_cpu()})
+                                                           "machine": describe_cpu(), "provenance": provenance()})
         atomic_write_json(out / "patching.json", result)  # last: its presence marks the cell finished
     return result
 

@@ -597,6 +597,18 @@ def _made_at(cells: list[dict]) -> str:
     return "; ".join(parts) or "-"
 
 
+def _made_record(cell: Path, by_name: dict[str, dict]) -> dict | None:
+    """The record that holds a finished cell's `provenance`: its results.json; an order cell's
+    first order's; a patching cell's patching_timings.json (patching.json stays byte-for-byte
+    reproducible, so the code version is kept beside it)."""
+    if cell.name in by_name:
+        return by_name[cell.name]
+    for f in (cell / "order0" / "results.json", cell / "patching_timings.json"):
+        if f.exists():
+            return json.loads(f.read_text())
+    return None
+
+
 def manifest_lines(manifest: dict[str, Any], results_dir: str | Path, coll: Collected) -> list[str]:
     """The report's opening: one command per line, then what each grid has finished."""
     commands = [g["command"] for g in manifest.get("grid", [])] + [o["command"] for o in manifest.get("other", [])]
@@ -614,12 +626,10 @@ def manifest_lines(manifest: dict[str, Any], results_dir: str | Path, coll: Coll
         except (OSError, tomllib.TOMLDecodeError):
             name = path.stem
         cells = Path(results_dir) / "cells"
-        # order-study and causal-study cells are finished by their orders.json / patching.json;
-        # an order cell's version is its first order's
+        # order-study and causal-study cells are finished by their orders.json / patching.json
         done = [i for i in ids.get(name, {}) if i in by_name or (cells / i / "orders.json").exists()
                 or (cells / i / "patching.json").exists()]
-        made = [by_name[i] if i in by_name else json.loads((cells / i / "order0" / "results.json").read_text())
-                for i in done if i in by_name or (cells / i / "order0" / "results.json").exists()]
+        made = [m for m in (_made_record(cells / i, by_name) for i in done) if m is not None]
         seconds = [s for s in (costs.cell_seconds(cells / i) for i in done) if s is not None]
         median = float(np.median(seconds)) if seconds else None
         n_missing = len(ids.get(name, {})) - len(done)

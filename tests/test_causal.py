@@ -28,6 +28,8 @@ def test_a_patching_cell_writes_its_study_and_reproduces_byte_for_byte(tiny_hf_d
     result = run_patching(cfg, tmp_path / "a", loaded)
     for name in ("patching.json", "patching.parquet", "patching_layers.png", "patching_heads.png", "patching_timings.json"):
         assert (tmp_path / "a" / name).is_file(), name
+    timings = json.loads((tmp_path / "a" / "patching_timings.json").read_text())
+    assert timings["provenance"]["package_version"] and "provenance" not in result  # the version beside, not in, the study
     n_layers = loaded.model.cfg.n_layers
     assert set(result["layers"]) == {"icl", "gd", "lcgd"}
     assert all(len(result["layers"][s][c]["recovered_share"]) == n_layers for s in result["layers"] for c in P.COMPONENTS)

@@ -74,6 +74,9 @@ def test_the_manifest_counts_finished_order_and_patching_cells(tmp_path):
           {"zs": 0.1, "icl": 0.6, "gd": 0.2, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.8, "gd": 0.75, "lcgd": 0.7})
     (tmp_path / "cells" / "patched").mkdir()
     (tmp_path / "cells" / "patched" / "patching.json").write_text(json.dumps({"config": {"model": "m"}}))
+    (tmp_path / "cells" / "patched" / "patching_timings.json").write_text(json.dumps(
+        {"record_zs": 30.0, "layers_icl": 60.0, "total": 1.0,
+         "provenance": {"package_version": "9.9", "git_commit": "abcdef0123456789", "git_dirty": False}}))
     (tmp_path / "grids").mkdir()
     ids = {i: {"model": "m", "baseline": "trained", "task": "sst2", "seed": 0} for i in ("ordered", "patched", "missing")}
     (tmp_path / "grids" / "g.json").write_text(json.dumps({"name": "g", "cells": ids}))
@@ -81,7 +84,11 @@ def test_the_manifest_counts_finished_order_and_patching_cells(tmp_path):
     config.write_text('name = "g"\n')
     manifest = {"grid": [{"config": str(config), "command": "lens-iclgd grid g.toml"}], "report": {"command": "report"}}
     text = "\n".join(manifest_lines(manifest, tmp_path, Collected(None, [], 0)))
-    assert f"| {config} | 2 / 3 |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {config} |"))
+    assert row.startswith(f"| {config} | 2 / 3 |")
+    assert "9.9 at abcdef0123" in row  # the patching cell's version, from patching_timings.json
+    # the only cell with timings cost 90 s; one cell is missing: 90 s = 0.025 h
+    assert row.endswith("| 90 | 0.0 |")
 
 
 def test_a_cells_cost_from_nothing_counts_reused_stages_and_each_order(tmp_path):
