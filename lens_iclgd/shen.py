@@ -4,9 +4,11 @@ demonstrations in P orders; orders.py) and the output metrics (outputs.py).
 
 Claims, and the rule that decides each verdict per model:
 
-  S1 ICL is more order-sensitive than GD and than LCGD: agrees when ICL's mean pairwise
-     prediction disagreement across orders is above GD's on more than half of the tasks,
-     and above LCGD's on more than half of the tasks.
+  S1a ICL is more order-sensitive than GD (S1b: than LCGD): agrees when ICL's mean pairwise
+     prediction disagreement across orders is above the method's on more than half of the
+     tasks where the method changed at least one prediction off ZS's. A method that changes
+     no prediction (a rate too small to matter) cannot show order sensitivity, so those
+     tasks are left out, and named; with none left the claim is undecided.
   S2 ICL's output does not align with GD's: agrees when ICL's next-token distribution is
      closer to ZS's than to GD's (mean Jensen-Shannon divergence JS(ZS, ICL) < JS(ICL, GD),
      order 0 of every task).
@@ -83,6 +85,7 @@ def frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
         for s, st in c["prediction_stability"].items():
             row[f"disagree_{s}"] = st["mean_pairwise_disagreement"]
             row[f"stable_{s}"] = st["same_prediction_in_every_order"]
+            row[f"changed_{s}"] = st.get("changed_from_zs")  # recorded since the S1 split; None before
             if f"acc_{s}" in c["spread"]:
                 row[f"acc_{s}"], row[f"acc_std_{s}"] = c["spread"][f"acc_{s}"]["mean"], c["spread"][f"acc_{s}"]["std"]
         out = r0.get("outputs") or {}
@@ -106,24 +109,33 @@ def _majority(df: pd.DataFrame, a: str, b: str) -> tuple[int, int]:
     return int((sub[a] > sub[b]).sum()), len(sub)
 
 
+def _order_claim(df: pd.DataFrame, key: str, method: str) -> dict[str, Any]:
+    """S1a/S1b: ICL's disagreement across orders against `method`'s, on the tasks where the
+    method moved a prediction off ZS's."""
+    moved = df[f"changed_{method}"] if f"changed_{method}" in df.columns else pd.Series(np.nan, index=df.index)
+    inert = df[moved.notna() & (moved == 0)]
+    w, n = _majority(df.drop(index=inert.index), "disagree_icl", f"disagree_{method}")
+    name = method.upper()
+    verdict = "undecided" if n == 0 else "agrees" if w > n / 2 else "does not agree"
+    evidence = (f"mean pairwise disagreement across orders: ICL {df['disagree_icl'].mean():.3f}, {name} "
+                f"{df[f'disagree_{method}'].mean():.3f}; ICL above {name} on {w} of {n} tasks")
+    if len(inert):
+        evidence += f"; left out, {name} changed no prediction off ZS's: {', '.join(inert['task'])}"
+    return {"key": key, "name": f"{key}. ICL more order-sensitive than {name}", "verdict": verdict, "evidence": evidence}
+
+
 def claims(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """S1-S3 for one model's order-study rows: claim, rule outcome, numbers, verdict."""
+    """S1a, S1b, S2, S3 for one model's order-study rows: claim, rule outcome, numbers, verdict."""
     out = []
     if {"disagree_icl", "disagree_gd", "disagree_lcgd"} <= set(df.columns):
-        w_gd, n_gd = _majority(df, "disagree_icl", "disagree_gd")
-        w_lc, n_lc = _majority(df, "disagree_icl", "disagree_lcgd")
-        ok = w_gd > n_gd / 2 and w_lc > n_lc / 2
-        out.append({"name": "S1. ICL more order-sensitive than GD and LCGD", "verdict": "agrees" if ok else "does not agree",
-                    "evidence": f"mean pairwise disagreement across orders: ICL {df['disagree_icl'].mean():.3f}, GD "
-                                f"{df['disagree_gd'].mean():.3f}, LCGD {df['disagree_lcgd'].mean():.3f}; ICL above GD on "
-                                f"{w_gd} of {n_gd} tasks, above LCGD on {w_lc} of {n_lc}"})
+        out += [_order_claim(df, "S1a", "gd"), _order_claim(df, "S1b", "lcgd")]
     if {"js_zs-icl", "js_icl-gd"} <= set(df.columns):
         a, b = df["js_zs-icl"].mean(), df["js_icl-gd"].mean()
-        out.append({"name": "S2. ICL's output closer to ZS's than to GD's", "verdict": "agrees" if a < b else "does not agree",
+        out.append({"key": "S2", "name": "S2. ICL's output closer to ZS's than to GD's", "verdict": "agrees" if a < b else "does not agree",
                     "evidence": f"JS(ZS, ICL) {a:.4f} vs JS(ICL, GD) {b:.4f} nats (order 0, mean over tasks)"})
     if {"tok_icl", "tok_gd", "acc_icl", "acc_gd"} <= set(df.columns):
         tok_gap, acc_gap = abs((df["tok_icl"] - df["tok_gd"]).mean()), abs((df["acc_icl"] - df["acc_gd"]).mean())
-        out.append({"name": "S3. token-level accuracy separates ICL from GD more than label accuracy",
+        out.append({"key": "S3", "name": "S3. token-level accuracy separates ICL from GD more than label accuracy",
                     "verdict": "agrees" if tok_gap > acc_gap else "does not agree",
                     "evidence": f"top-1 token accuracy ICL {df['tok_icl'].mean():.3f} vs GD {df['tok_gd'].mean():.3f}; "
                                 f"label accuracy ICL {df['acc_icl'].mean():.3f} vs GD {df['acc_gd'].mean():.3f} "
@@ -154,15 +166,15 @@ def ceiling_table(df: pd.DataFrame) -> list[str]:
 def per_task_table(df: pd.DataFrame) -> list[str]:
     """Per task: the rates, order sensitivity, stability and accuracy over orders."""
     lines = ["| task | lr GD / LCGD | disagreement ICL / GD / LCGD | never changes ICL / GD / LCGD | "
-             "accuracy ICL / GD / LCGD (mean ± std over orders) | SimAM_delta ICL-GD / ceiling ICL-ICL |",
-             "|---|---|---|---|---|---|"]
+             "changed from ZS ICL / GD / LCGD | accuracy ICL / GD / LCGD (mean ± std over orders) | "
+             "SimAM_delta ICL-GD / ceiling ICL-ICL |", "|---|---|---|---|---|---|---|"]
     for r in df.to_dict("records"):  # not itertuples: its names drop the columns with a hyphen
         lr = " / ".join(f"{r[f'lr_{m}']:g}" if pd.notna(r.get(f"lr_{m}")) else "-" for m in ("gd", "lcgd"))
         trio = lambda key: " / ".join(f"{r[f'{key}_{s}']:.3f}" if pd.notna(r.get(f"{key}_{s}")) else "-" for s in METHODS)
         acc = " / ".join(f"{r[f'acc_{s}']:.3f} ± {r[f'acc_std_{s}']:.3f}" if pd.notna(r.get(f"acc_{s}")) else "-"
                          for s in METHODS)
         sim = " / ".join(f"{r[c]:.3f}" if pd.notna(r.get(c)) else "-" for c in ("SimAM_delta_icl-gd", "SimAM_delta_ceiling_icl"))
-        lines.append(f"| {r['task']} | {lr} | {trio('disagree')} | {trio('stable')} | {acc} | {sim} |")
+        lines.append(f"| {r['task']} | {lr} | {trio('disagree')} | {trio('stable')} | {trio('changed')} | {acc} | {sim} |")
     return lines
 
 
@@ -238,12 +250,12 @@ def crossmodel_section(results_dir: str | Path, expected: set[str] | None = None
     df = frame(order_cells(results_dir, expected=expected))
     if df.empty:
         return []
-    lines = ["| model | tasks | S1 order sensitivity | S2 output closer to ZS's | S3 token vs label accuracy | "
-             "SimAM_delta ICL-GD / ICL-LCGD / ceiling ICL-ICL |", "|---|---|---|---|---|---|"]
+    lines = ["| model | tasks | S1a more order-sensitive than GD | S1b than LCGD | S2 output closer to ZS's | "
+             "S3 token vs label accuracy | SimAM_delta ICL-GD / ICL-LCGD / ceiling ICL-ICL |", "|---|---|---|---|---|---|---|"]
     for model, sub in df.groupby("model", sort=True):
-        verdicts = {c["name"][:2]: f"{c['verdict']}: {c['evidence']}" for c in claims(sub)}
+        verdicts = {c["key"]: f"{c['verdict']}: {c['evidence']}" for c in claims(sub)}
         sims = " / ".join(_mean(sub, c) for c in ("SimAM_delta_icl-gd", "SimAM_delta_icl-lcgd", "SimAM_delta_ceiling_icl"))
-        lines.append(f"| {model} | {', '.join(sub['task'])} | " + " | ".join(verdicts.get(k, "-") for k in ("S1", "S2", "S3"))
-                     + f" | {sims} |")
+        lines.append(f"| {model} | {', '.join(sub['task'])} | "
+                     + " | ".join(verdicts.get(k, "-") for k in ("S1a", "S1b", "S2", "S3")) + f" | {sims} |")
     return lines + ["", "Rules as in each model's report (section \"Shen et al.\"); the per-task numbers and the "
                     "ceilings of every metric are there.", ""]

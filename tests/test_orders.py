@@ -23,8 +23,27 @@ def test_order_sensitivity_returns_one_result_per_permutation(tmp_path, tiny_hf_
     summary = json.loads((out / "orders.json").read_text())
     assert set(summary["prediction_stability"]) == {"zs", "icl", "gd", "lcgd"}
     assert summary["prediction_stability"]["zs"]["same_prediction_in_every_order"] == 1.0
+    assert all(0 <= summary["prediction_stability"][s]["changed_from_zs"] <= 1 for s in ("icl", "gd", "lcgd"))
     assert summary["spread"]["acc_zs"]["std"] == 0.0
     assert "ICL" in proc.stdout and "flip rate" in proc.stdout
+
+
+def test_prediction_stability_on_hand_built_predictions():
+    """Four test examples, three orders: ICL flips example 1 in order 2 and example 3 in
+    orders 1 and 2; GD never moves off ZS (no order sensitivity, and nothing changed)."""
+    from lens_iclgd.orders import prediction_stability
+
+    zs = pd.DataFrame({p: ["a", "b", "a", "b"] for p in range(3)})
+    icl = pd.DataFrame({0: ["a", "a", "a", "a"], 1: ["a", "a", "a", "b"], 2: ["a", "b", "a", "b"]})
+    got = prediction_stability({"zs": zs, "icl": icl, "gd": zs.copy()})
+    assert got["zs"] == {"same_prediction_in_every_order": 1.0, "mean_pairwise_disagreement": 0.0}
+    assert got["icl"]["same_prediction_in_every_order"] == pytest.approx(2 / 4)
+    # pairs (0,1): example 3 differs; (0,2): examples 1, 3; (1,2): example 1
+    assert got["icl"]["mean_pairwise_disagreement"] == pytest.approx((1 / 4 + 2 / 4 + 1 / 4) / 3)
+    # off ZS: order 0 examples 1, 3; order 1 example 1; order 2 none
+    assert got["icl"]["changed_from_zs"] == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    assert got["gd"]["changed_from_zs"] == 0.0 and got["gd"]["mean_pairwise_disagreement"] == 0.0
+    assert "changed_from_zs" not in got["zs"]
 
 
 def test_ceiling_is_one_against_the_same_order_and_matches_a_direct_computation(tmp_path, tiny_hf_dir):

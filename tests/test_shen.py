@@ -6,10 +6,12 @@ import json
 from lens_iclgd import shen
 
 
-def _cell(root, name, task, disagree, js, tok, acc, ceiling_icl=0.5):
+def _cell(root, name, task, disagree, js, tok, acc, ceiling_icl=0.5, changed=None):
     folder = root / "cells" / name
     (folder / "order0").mkdir(parents=True)
     stability = {s: {"mean_pairwise_disagreement": d, "same_prediction_in_every_order": 1 - d} for s, d in disagree.items()}
+    for s, c in (changed or {}).items():
+        stability[s]["changed_from_zs"] = c
     spread = {f"acc_{s}": {"mean": a, "std": 0.01, "min": a, "max": a} for s, a in acc.items()}
     spread |= {f"{m}_{n}": {"mean": 0.1, "std": 0.02, "min": 0.0, "max": 0.2} for m in ("gd", "lcgd") for n in ("SimAOU", "SimAM_delta")}
     ceiling = {m: {n: {"mean": ceiling_icl if m == "icl" else 0.9, "std": 0.0, "min": 0.0, "max": 1.0, "n_pairs": 1}
@@ -28,17 +30,17 @@ def test_claims_follow_their_rules(tmp_path):
           {"zs": 0.1, "icl": 0.6, "gd": 0.2, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.8, "gd": 0.75, "lcgd": 0.7})
     _cell(tmp_path, "b", "mr", {"zs": 0.0, "icl": 0.4, "gd": 0.1, "lcgd": 0.1}, (0.02, 0.06),
           {"zs": 0.1, "icl": 0.5, "gd": 0.3, "lcgd": 0.3}, {"zs": 0.5, "icl": 0.7, "gd": 0.7, "lcgd": 0.6})
-    verdicts = {c["name"][:2]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
-    assert verdicts == {"S1": "agrees", "S2": "agrees", "S3": "agrees"}
+    verdicts = {c["key"]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
+    assert verdicts == {"S1a": "agrees", "S1b": "agrees", "S2": "agrees", "S3": "agrees"}
     text = "\n".join(shen.section(tmp_path, "m"))
     assert "| SimAOU | 0.100 | 0.200 | 0.500 | 0.900 | 0.900 | 0.020 | 0.020 |" in text and "2 order-study cells" in text
-    assert "| sst2 | - / - | 0.300 / 0.100 / 0.200 | 0.700 / 0.900 / 0.800 |" in text  # per task, paper order
+    assert "| sst2 | - / - | 0.300 / 0.100 / 0.200 | 0.700 / 0.900 / 0.800 | - / - / - |" in text  # per task, paper order
     assert text.index("| sst2 |") < text.index("| mr |")
     figure = tmp_path / "report"
     figure.mkdir()
     assert "![fig_orders.png]" in "\n".join(shen.section(tmp_path, "m", figure)) and (figure / "fig_orders.png").stat().st_size
     across = "\n".join(shen.crossmodel_section(tmp_path))
-    assert "| m | sst2, mr | agrees: mean pairwise disagreement" in across and "| 0.100 / 0.200 / 0.500 |" in across
+    assert "| m | sst2, mr | agrees: mean pairwise disagreement" in across and across.count("agrees: mean pairwise") == 2 and "| 0.100 / 0.200 / 0.500 |" in across
 
 
 def test_claims_can_be_rejected(tmp_path):
@@ -47,9 +49,30 @@ def test_claims_can_be_rejected(tmp_path):
           {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7})
     _cell(tmp_path, "b", "mr", {"zs": 0.0, "icl": 0.1, "gd": 0.3, "lcgd": 0.0}, (0.05, 0.01),
           {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7})
-    verdicts = {c["name"][:2]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
-    assert verdicts == {"S1": "does not agree", "S2": "does not agree", "S3": "does not agree"}
+    verdicts = {c["key"]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
+    assert verdicts == {"S1a": "does not agree", "S1b": "agrees", "S2": "does not agree", "S3": "does not agree"}
     assert shen.section(tmp_path, "another model") == []
+
+
+def test_a_method_that_changes_no_prediction_is_left_out_of_order_sensitivity(tmp_path):
+    """GD changes no prediction off ZS's on sst2 and mr: its zero disagreement there says
+    nothing about order, so S1a rests on subj alone, where GD flips more than ICL."""
+    for name, task, gd_flips, gd_changed in (("a", "sst2", 0.0, 0.0), ("b", "mr", 0.0, 0.0), ("c", "subj", 0.4, 0.3)):
+        _cell(tmp_path, name, task, {"zs": 0.0, "icl": 0.3, "gd": gd_flips, "lcgd": 0.1}, (0.05, 0.01),
+              {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7},
+              changed={"icl": 0.4, "gd": gd_changed, "lcgd": 0.2})
+    got = {c["key"]: c for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
+    assert got["S1a"]["verdict"] == "does not agree"  # counted over all three tasks it would agree (2 of 3)
+    assert "ICL above GD on 0 of 1 tasks" in got["S1a"]["evidence"]
+    assert "changed no prediction off ZS's: sst2, mr" in got["S1a"]["evidence"]
+    assert got["S1b"]["verdict"] == "agrees" and "left out" not in got["S1b"]["evidence"]
+    assert "| 0.400 / 0.000 / 0.200 |" in "\n".join(shen.section(tmp_path, "m"))  # changed from ZS, per task
+    for name in ("a", "b", "c"):  # no task left: undecided, not "agrees" by an empty majority
+        (tmp_path / "cells" / name / "orders.json").unlink()
+    _cell(tmp_path, "d", "cb", {"zs": 0.0, "icl": 0.3, "gd": 0.0, "lcgd": 0.1}, (0.05, 0.01),
+          {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7},
+          changed={"icl": 0.4, "gd": 0.0, "lcgd": 0.2})
+    assert {c["key"]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}["S1a"] == "undecided"
 
 
 def test_cells_of_older_settings_are_left_out(tmp_path):
