@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .costs import cell_seconds
+
 SAME, APART = 0.5, 0.2  # the verdict's thresholds on the mean profile overlap
 RULE = (f"per model and finetuning method, the mean over tasks of the attn_out and mlp_out overlaps with ICL's "
         f"profiles: at or above {SAME}, \"carried where ICL's is\"; below {APART}, \"not carried where ICL's is\"; "
@@ -45,11 +47,9 @@ def patching_cells(results_dir: str | Path, model: str | None = None,
         cell = json.loads(f.read_text())
         if model is not None and cell["config"]["model"] != model:
             continue
-        timings = f.parent / "patching_timings.json"
         # the compute: every phase's seconds as measured when it was computed (a rerun that
         # reuses stages has a short `total` of its own)
-        phases = json.loads(timings.read_text()) if timings.exists() else {}
-        cell["_seconds"] = sum(v for k, v in phases.items() if k not in ("total", "machine")) or None
+        cell["_seconds"] = cell_seconds(f.parent) or None
         out.append(cell)
     return out
 
