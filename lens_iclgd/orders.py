@@ -4,6 +4,7 @@ run; the spread of accuracy, predictions and every metric across orders."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +60,40 @@ def _spread(values: list[float | None]) -> dict[str, float]:
 def prediction_stability(preds: dict[str, pd.DataFrame]) -> dict[str, dict[str, float]]:
     """Per setting, from its predictions (rows: test examples, columns: orders): the share of
     examples predicted alike in every order, the mean pairwise disagreement between orders,
-    and (finetuned settings and ICL) the share of examples whose prediction differs from ZS's,
-    mean over orders: a method that changes no prediction shows no order sensitivity, and
-    that says nothing about order (a rate too small to matter)."""
+    the share of all (example, order) predictions that are the setting's most frequent label
+    (a method that predicts one label everywhere has collapsed: it shows no order sensitivity,
+    and that says nothing about order), and (finetuned settings and ICL) the share of
+    examples whose prediction differs from ZS's, mean over orders: a method that changes no
+    prediction shows no order sensitivity either (a rate too small to matter)."""
     out = {}
     orders = list(preds["zs"].columns)
     pairs = [(a, b) for i, a in enumerate(orders) for b in orders[i + 1:]]
     for s, frame in preds.items():
         out[s] = {"same_prediction_in_every_order": float((frame.nunique(axis=1) == 1).mean()),
-                  "mean_pairwise_disagreement": float(np.mean([(frame[a] != frame[b]).mean() for a, b in pairs]))}
+                  "mean_pairwise_disagreement": float(np.mean([(frame[a] != frame[b]).mean() for a, b in pairs])),
+                  "majority_label_share": float(frame.stack().value_counts(normalize=True).iloc[0])}
         if s != "zs":
             out[s]["changed_from_zs"] = float(np.mean([(frame[p] != preds["zs"][p]).mean() for p in orders]))
     return out
+
+
+def order_predictions(out: str | Path, settings: list[str], n_orders: int) -> dict[str, pd.DataFrame]:
+    """Each setting's test predictions in every order, from the order runs' examples.csv
+    (rows: test examples, columns: orders)."""
+    tables = [pd.read_csv(Path(out) / f"order{p}" / "examples.csv") for p in range(n_orders)]
+    return {s: pd.DataFrame({p: t[f"{s}_pred"] for p, t in enumerate(tables)}) for s in settings}
+
+
+def refresh_stability(cell: str | Path) -> dict[str, Any]:
+    """Recompute a finished order cell's prediction_stability from its order runs'
+    examples.csv and rewrite orders.json (no model run): how cells made before a field was
+    added get it. Every other entry of orders.json is kept as it was."""
+    cell = Path(cell)
+    summary = json.loads((cell / "orders.json").read_text())
+    cfg = summary["config"]
+    summary["prediction_stability"] = prediction_stability(order_predictions(cell, ["zs", *cfg["methods"]], cfg["orders"]))
+    atomic_write_json(cell / "orders.json", summary)
+    return summary
 
 
 def run_orders(config: RunConfig, out: str | Path, loaded: LoadedModel | None = None,
@@ -90,7 +113,7 @@ def run_orders(config: RunConfig, out: str | Path, loaded: LoadedModel | None = 
     per_order = [run(dataclasses.replace(config, order=p, orders=1), out / f"order{p}", loaded, stages)
                  for p in range(n_orders)]
     settings = ["zs"] + list(config.methods)
-    preds = {s: pd.DataFrame({p: pd.read_csv(out / f"order{p}" / "examples.csv")[f"{s}_pred"] for p in range(n_orders)}) for s in settings}
+    preds = order_predictions(out, settings, n_orders)
     table = []
     for p, r in enumerate(per_order):
         row: dict[str, Any] = {"order": p, "demo_rows": r["config"]["demo_rows"]}

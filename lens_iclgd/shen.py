@@ -6,9 +6,11 @@ Claims, and the rule that decides each verdict per model:
 
   S1a ICL is more order-sensitive than GD (S1b: than LCGD): agrees when ICL's mean pairwise
      prediction disagreement across orders is above the method's on more than half of the
-     tasks where the method changed at least one prediction off ZS's. A method that changes
-     no prediction (a rate too small to matter) cannot show order sensitivity, so those
-     tasks are left out, and named; with none left the claim is undecided.
+     tasks where the method changed at least one prediction off ZS's and neither side has
+     collapsed. A method that changes no prediction (a rate too small to matter), or that
+     predicts one label for at least COLLAPSED_SHARE of all (example, order) predictions,
+     cannot show order sensitivity, so those tasks are left out, and named with the reason;
+     with none left the claim is undecided.
   S2 ICL's output does not align with GD's: agrees when ICL's next-token distribution is
      closer to ZS's than to GD's (mean Jensen-Shannon divergence JS(ZS, ICL) < JS(ICL, GD),
      order 0 of every task).
@@ -38,6 +40,9 @@ INTERNAL = ("SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta")
 OUTPUT = ("top_k_overlap", "overlap_cosine", "js")
 CEILING_METRICS = INTERNAL + tuple(f"out_{o}" for o in OUTPUT)
 METHODS = ("icl", "gd", "lcgd")
+# A setting predicting one label this often, over every order, has collapsed: its
+# disagreement across orders is at most about 2 x (1 - share), whatever the order does.
+COLLAPSED_SHARE = 0.95
 
 
 def order_cells(results_dir: str | Path, model: str | None = None, expected: set[str] | None = None) -> list[dict[str, Any]]:
@@ -86,6 +91,7 @@ def frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
             row[f"disagree_{s}"] = st["mean_pairwise_disagreement"]
             row[f"stable_{s}"] = st["same_prediction_in_every_order"]
             row[f"changed_{s}"] = st.get("changed_from_zs")  # recorded since the S1 split; None before
+            row[f"majority_{s}"] = st.get("majority_label_share")  # recorded since the collapse rule
             if f"acc_{s}" in c["spread"]:
                 row[f"acc_{s}"], row[f"acc_std_{s}"] = c["spread"][f"acc_{s}"]["mean"], c["spread"][f"acc_{s}"]["std"]
         out = r0.get("outputs") or {}
@@ -111,16 +117,20 @@ def _majority(df: pd.DataFrame, a: str, b: str) -> tuple[int, int]:
 
 def _order_claim(df: pd.DataFrame, key: str, method: str) -> dict[str, Any]:
     """S1a/S1b: ICL's disagreement across orders against `method`'s, on the tasks where the
-    method moved a prediction off ZS's."""
-    moved = df[f"changed_{method}"] if f"changed_{method}" in df.columns else pd.Series(np.nan, index=df.index)
-    inert = df[moved.notna() & (moved == 0)]
-    w, n = _majority(df.drop(index=inert.index), "disagree_icl", f"disagree_{method}")
+    method moved a prediction off ZS's and neither ICL nor the method collapsed to one label."""
+    col = lambda c: pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(np.nan, index=df.index)
     name = method.upper()
+    reasons = {f"{name} changed no prediction off ZS's": col(f"changed_{method}") == 0,
+               f"{name} predicts one label (share >= {COLLAPSED_SHARE:g})": col(f"majority_{method}") >= COLLAPSED_SHARE,
+               f"ICL predicts one label (share >= {COLLAPSED_SHARE:g})": col("majority_icl") >= COLLAPSED_SHARE}
+    out_mask = np.logical_or.reduce(list(reasons.values()))
+    w, n = _majority(df[~out_mask], "disagree_icl", f"disagree_{method}")
     verdict = "undecided" if n == 0 else "agrees" if w > n / 2 else "does not agree"
     evidence = (f"mean pairwise disagreement across orders: ICL {df['disagree_icl'].mean():.3f}, {name} "
                 f"{df[f'disagree_{method}'].mean():.3f}; ICL above {name} on {w} of {n} tasks")
-    if len(inert):
-        evidence += f"; left out, {name} changed no prediction off ZS's: {', '.join(inert['task'])}"
+    for reason, mask in reasons.items():
+        if mask.any():
+            evidence += f"; left out, {reason}: {', '.join(df.loc[mask, 'task'])}"
     return {"key": key, "name": f"{key}. ICL more order-sensitive than {name}", "verdict": verdict, "evidence": evidence}
 
 
@@ -166,15 +176,16 @@ def ceiling_table(df: pd.DataFrame) -> list[str]:
 def per_task_table(df: pd.DataFrame) -> list[str]:
     """Per task: the rates, order sensitivity, stability and accuracy over orders."""
     lines = ["| task | lr GD / LCGD | disagreement ICL / GD / LCGD | never changes ICL / GD / LCGD | "
-             "changed from ZS ICL / GD / LCGD | accuracy ICL / GD / LCGD (mean ± std over orders) | "
-             "SimAM_delta ICL-GD / ceiling ICL-ICL |", "|---|---|---|---|---|---|---|"]
+             "changed from ZS ICL / GD / LCGD | most frequent label's share ICL / GD / LCGD | "
+             "accuracy ICL / GD / LCGD (mean ± std over orders) | SimAM_delta ICL-GD / ceiling ICL-ICL |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in df.to_dict("records"):  # not itertuples: its names drop the columns with a hyphen
         lr = " / ".join(f"{r[f'lr_{m}']:g}" if pd.notna(r.get(f"lr_{m}")) else "-" for m in ("gd", "lcgd"))
         trio = lambda key: " / ".join(f"{r[f'{key}_{s}']:.3f}" if pd.notna(r.get(f"{key}_{s}")) else "-" for s in METHODS)
         acc = " / ".join(f"{r[f'acc_{s}']:.3f} ± {r[f'acc_std_{s}']:.3f}" if pd.notna(r.get(f"acc_{s}")) else "-"
                          for s in METHODS)
         sim = " / ".join(f"{r[c]:.3f}" if pd.notna(r.get(c)) else "-" for c in ("SimAM_delta_icl-gd", "SimAM_delta_ceiling_icl"))
-        lines.append(f"| {r['task']} | {lr} | {trio('disagree')} | {trio('stable')} | {trio('changed')} | {acc} | {sim} |")
+        lines.append(f"| {r['task']} | {lr} | {trio('disagree')} | {trio('stable')} | {trio('changed')} | {trio('majority')} | {acc} | {sim} |")
     return lines
 
 

@@ -58,11 +58,12 @@ def summary_table(results: dict, subset: str = "all") -> str:
 
 
 def orders_table(summary: dict) -> str:
-    lines = [f"{'setting':<8}{'acc mean':>10}{'acc std':>9}{'acc min':>9}{'acc max':>9}{'same pred':>11}{'flip rate':>11}"]
+    lines = [f"{'setting':<8}{'acc mean':>10}{'acc std':>9}{'acc min':>9}{'acc max':>9}{'same pred':>11}{'flip rate':>11}{'one label':>11}"]
     for s, st in summary["prediction_stability"].items():
         a = summary["spread"][f"acc_{s}"]
         lines.append(f"{s.upper():<8}{a['mean']:>10.3f}{a['std']:>9.3f}{a['min']:>9.3f}{a['max']:>9.3f}"
-                     f"{st['same_prediction_in_every_order']:>11.2f}{st['mean_pairwise_disagreement']:>11.3f}")
+                     f"{st['same_prediction_in_every_order']:>11.2f}{st['mean_pairwise_disagreement']:>11.3f}"
+                     f"{st['majority_label_share']:>11.3f}")
     for name in ("SimAOU", "SimAM_delta"):
         for m in ("gd", "lcgd"):
             if f"{m}_{name}" in summary["spread"]:

@@ -25,7 +25,15 @@ def test_order_sensitivity_returns_one_result_per_permutation(tmp_path, tiny_hf_
     assert summary["prediction_stability"]["zs"]["same_prediction_in_every_order"] == 1.0
     assert all(0 <= summary["prediction_stability"][s]["changed_from_zs"] <= 1 for s in ("icl", "gd", "lcgd"))
     assert summary["spread"]["acc_zs"]["std"] == 0.0
-    assert "ICL" in proc.stdout and "flip rate" in proc.stdout
+    assert "ICL" in proc.stdout and "flip rate" in proc.stdout and "one label" in proc.stdout
+    # a cell made before a stability field existed gets it from its examples.csv, nothing else changes
+    from lens_iclgd.orders import refresh_stability
+
+    older = json.loads((out / "orders.json").read_text())
+    for st in older["prediction_stability"].values():
+        del st["majority_label_share"]
+    (out / "orders.json").write_text(json.dumps(older))
+    assert refresh_stability(out) == summary == json.loads((out / "orders.json").read_text())
 
 
 def test_prediction_stability_on_hand_built_predictions():
@@ -36,7 +44,9 @@ def test_prediction_stability_on_hand_built_predictions():
     zs = pd.DataFrame({p: ["a", "b", "a", "b"] for p in range(3)})
     icl = pd.DataFrame({0: ["a", "a", "a", "a"], 1: ["a", "a", "a", "b"], 2: ["a", "b", "a", "b"]})
     got = prediction_stability({"zs": zs, "icl": icl, "gd": zs.copy()})
-    assert got["zs"] == {"same_prediction_in_every_order": 1.0, "mean_pairwise_disagreement": 0.0}
+    assert got["zs"] == {"same_prediction_in_every_order": 1.0, "mean_pairwise_disagreement": 0.0,
+                         "majority_label_share": 0.5}
+    assert got["icl"]["majority_label_share"] == pytest.approx((4 + 3 + 2) / 12)  # "a", pooled over orders
     assert got["icl"]["same_prediction_in_every_order"] == pytest.approx(2 / 4)
     # pairs (0,1): example 3 differs; (0,2): examples 1, 3; (1,2): example 1
     assert got["icl"]["mean_pairwise_disagreement"] == pytest.approx((1 / 4 + 2 / 4 + 1 / 4) / 3)

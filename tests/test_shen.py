@@ -6,12 +6,14 @@ import json
 from lens_iclgd import shen
 
 
-def _cell(root, name, task, disagree, js, tok, acc, ceiling_icl=0.5, changed=None):
+def _cell(root, name, task, disagree, js, tok, acc, ceiling_icl=0.5, changed=None, majority=None):
     folder = root / "cells" / name
     (folder / "order0").mkdir(parents=True)
     stability = {s: {"mean_pairwise_disagreement": d, "same_prediction_in_every_order": 1 - d} for s, d in disagree.items()}
     for s, c in (changed or {}).items():
         stability[s]["changed_from_zs"] = c
+    for s, c in (majority or {}).items():
+        stability[s]["majority_label_share"] = c
     spread = {f"acc_{s}": {"mean": a, "std": 0.01, "min": a, "max": a} for s, a in acc.items()}
     spread |= {f"{m}_{n}": {"mean": 0.1, "std": 0.02, "min": 0.0, "max": 0.2} for m in ("gd", "lcgd") for n in ("SimAOU", "SimAM_delta")}
     ceiling = {m: {n: {"mean": ceiling_icl if m == "icl" else 0.9, "std": 0.0, "min": 0.0, "max": 1.0, "n_pairs": 1}
@@ -73,6 +75,24 @@ def test_a_method_that_changes_no_prediction_is_left_out_of_order_sensitivity(tm
           {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7},
           changed={"icl": 0.4, "gd": 0.0, "lcgd": 0.2})
     assert {c["key"]: c["verdict"] for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}["S1a"] == "undecided"
+
+
+def test_a_collapsed_setting_is_left_out_of_order_sensitivity(tmp_path):
+    """LCGD predicts one label on sst2 (share 1.0) and ICL nearly one on mr (0.96): a constant
+    predictor's zero disagreement says nothing about order, so those tasks leave the claims
+    they touch; a share just under the threshold (0.94) stays in."""
+    rows = (("a", "sst2", {"icl": 0.7, "gd": 0.6, "lcgd": 1.0}, 0.0), ("b", "mr", {"icl": 0.96, "gd": 0.6, "lcgd": 0.6}, 0.05),
+            ("c", "subj", {"icl": 0.7, "gd": 0.94, "lcgd": 0.6}, 0.2))
+    for name, task, majority, lcgd_flips in rows:
+        _cell(tmp_path, name, task, {"zs": 0.0, "icl": 0.1, "gd": 0.3, "lcgd": lcgd_flips}, (0.05, 0.01),
+              {"zs": 0.1, "icl": 0.5, "gd": 0.5, "lcgd": 0.5}, {"zs": 0.5, "icl": 0.8, "gd": 0.7, "lcgd": 0.7},
+              changed={"icl": 0.4, "gd": 0.3, "lcgd": 0.2}, majority={"zs": 0.5, **majority})
+    got = {c["key"]: c for c in shen.claims(shen.frame(shen.order_cells(tmp_path)))}
+    assert "ICL above GD on 0 of 2 tasks" in got["S1a"]["evidence"] and got["S1a"]["verdict"] == "does not agree"
+    assert "left out, ICL predicts one label (share >= 0.95): mr" in got["S1a"]["evidence"]
+    assert "ICL above LCGD on 0 of 1 tasks" in got["S1b"]["evidence"]  # only subj is left: 0.1 < 0.2
+    assert "left out, LCGD predicts one label (share >= 0.95): sst2" in got["S1b"]["evidence"]
+    assert "| 0.700 / 0.600 / 1.000 |" in "\n".join(shen.section(tmp_path, "m"))  # the share, per task
 
 
 def test_cells_of_older_settings_are_left_out(tmp_path):
