@@ -47,7 +47,7 @@ TASK_ORDER = PAPER_TASKS  # tables list tasks in the paper's order
 
 
 COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "loss", "step_plain",
-           "ablate", "k", "n_test",
+           "ablate", "k", "n_test", "paper_scale",
            "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS,
            # output-level (Shen et al.) and F2T columns; absent (NaN) in cells from before they were recorded
            "tok_zs", "tok_icl", "tok_ft", "out_top_k_overlap", "out_overlap_cosine", "out_kl", "out_js",
@@ -92,6 +92,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
             "seed": c["seed"], "lr": c["lr"], "lr_default": _lr_rule(c) == "default", "lr_rule": _lr_rule(c),
             "plain": _plain(c), "loss": _loss(c), "step_plain": _step_plain(c),
             "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
+            "paper_scale": c["n_test"] >= PAPER_SCALE_N_TEST,
             "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
             "alpha": (r.get("alpha") or {}).get("mean"),
             "zs_simam": (r.get("zs_simam") or {}).get("mean"),  # absent in older results
@@ -170,12 +171,22 @@ PROTOCOLS = {"paper": ("shared", MEAN, "the paper's protocol: token-mean loss, G
              "summed": ("default", SUM, "summed loss, each method at its own chosen rate")}
 
 
-def _paper_cells(rows: pd.DataFrame, rule: str = "default", loss: str = SUM) -> pd.DataFrame:
+# The paper's test scale, n-test min(2000, split) (paper_scale_*.toml), as the cell asked
+# for it. The token-mean cells come at two scales never pooled: the sweeps' n-test 200
+# (paper_protocol_*.toml: the findings at the paper's protocol) and the paper's (Table 2 at
+# the paper's protocol and scale). Every summed-loss Table 2 cell is at the paper's scale.
+PAPER_SCALE_N_TEST = 2000
+
+
+def _paper_cells(rows: pd.DataFrame, rule: str = "default", loss: str = SUM, paper_scale: bool = False) -> pd.DataFrame:
     """Rows at the chosen learning rates (`rule`: each method's own, or "shared": GD's),
     of one loss reduction, without ablation: what the tables, figures 2-4 and the findings
-    are about. The summed loss by default: the committed paper-scale cells' protocol."""
-    return rows[rows["lr_rule"].isin(CHOSEN_RATES[rule]) & rows["step_plain"] & (rows["loss"] == loss)
-                & (rows["ablate"] == "")]
+    are about. The summed loss by default: the committed paper-scale cells' protocol. For
+    the token-mean loss, the cells at the sweeps' scale, or with `paper_scale` the paper's."""
+    chosen = rows["lr_rule"].isin(CHOSEN_RATES[rule]) & rows["step_plain"] & (rows["loss"] == loss) & (rows["ablate"] == "")
+    if loss == MEAN:
+        chosen &= rows["paper_scale"].fillna(False).astype(bool) == paper_scale
+    return rows[chosen]
 
 
 def _one_row_per_run(rows: pd.DataFrame) -> pd.DataFrame:
@@ -255,10 +266,11 @@ def table1(rows: pd.DataFrame, protocol: str = "summed") -> pd.DataFrame:
     return seed_table(gd, keys) if len(gd) else pd.DataFrame()
 
 
-def table2(rows: pd.DataFrame, rule: str = "default", loss: str = SUM) -> pd.DataFrame:
+def table2(rows: pd.DataFrame, rule: str = "default", loss: str = SUM, paper_scale: bool = False) -> pd.DataFrame:
     """GD vs LCGD; `rule` "default": each method at its own chosen rate, "shared": at GD's;
-    `loss`: the loss reduction of the cells (never pooled)."""
-    t = _paper_cells(rows, rule, loss)[lambda r: r["baseline"] == "trained"]
+    `loss`: the loss reduction of the cells (never pooled); `paper_scale`: token-mean cells
+    at n-test min(2000, split) instead of the sweeps' 200."""
+    t = _paper_cells(rows, rule, loss, paper_scale)[lambda r: r["baseline"] == "trained"]
     t = t[t["cell"].isin(set(t[t["method"] == "gd"]["cell"]) & set(t[t["method"] == "lcgd"]["cell"]))]
     if t.empty:
         return pd.DataFrame()
@@ -676,8 +688,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                   f"{', '.join(map(str, ns))}.", ""]
 
     empty = coll.rows.empty
-    sections = [("Table 2 at the paper's protocol: GD vs LCGD on the trained model, token-mean loss, one rate shared by "
-                 "both (GD's chosen rate)", "table2_paper", table2(coll.rows, "shared", MEAN) if not empty else pd.DataFrame()),
+    sections = [("Table 2 at the paper's protocol and scale: GD vs LCGD on the trained model, token-mean loss, one rate "
+                 "shared by both (GD's chosen rate), n-test min(2000, split)", "table2_paper_scale",
+                 table2(coll.rows, "shared", MEAN, paper_scale=True) if not empty else pd.DataFrame()),
+                ("Table 2 at the paper's protocol: GD vs LCGD on the trained model, token-mean loss, one rate shared by "
+                 "both (GD's chosen rate), the sweeps' n-test 200", "table2_paper", table2(coll.rows, "shared", MEAN) if not empty else pd.DataFrame()),
                 ("Table 2 (token-mean loss, each method at its own chosen rate)", "table2_mean_own",
                  table2(coll.rows, "default", MEAN) if not empty else pd.DataFrame()),
                 ("Table 1 at the paper's protocol: vanilla GD against the model baselines, token-mean loss, GD's chosen "
@@ -689,7 +704,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                 ("Table 2 (summed loss, shared rate): GD vs LCGD on the trained model, both at GD's chosen learning rate",
                  "table2_shared", table2(coll.rows, "shared") if not empty else pd.DataFrame())]
     for title, name, table in sections:
-        if name in ("table1_paper", "table2_paper", "table2_mean_own", "table2_shared") and table.empty:
+        if name in ("table1_paper", "table2_paper", "table2_paper_scale", "table2_mean_own", "table2_shared") and table.empty:
             continue  # only where such cells were run
         lines += [f"## {title}", ""]
         if table.empty:
@@ -701,9 +716,10 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                   "table2": "each method at its own chosen learning rate",
                   "table2_shared": "both methods at GD's chosen learning rate",
                   "table2_paper": "both methods at GD's chosen learning rate",
+                  "table2_paper_scale": "both methods at GD's chosen learning rate",
                   "table2_mean_own": "each method at its own chosen learning rate"}[name]
         loss = ("the mean of the demonstration's token losses (the paper's code)" if name in (
-            "table1_paper", "table2_paper", "table2_mean_own") else "loss summed over the demonstration's tokens (before issue 31)")
+            "table1_paper", "table2_paper", "table2_paper_scale", "table2_mean_own") else "loss summed over the demonstration's tokens (before issue 31)")
         lines += [_markdown(table), "", f"Cells: mean ± std over seeds (metrics: mean over layers). Learning rates: "
                   f"{regime} (learning_rates.toml, or --lr auto in the cell); {loss}; rows of output metrics and F2T "
                   "only where the cells recorded them.", ""]

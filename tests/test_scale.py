@@ -353,6 +353,24 @@ def test_findings_are_decided_per_protocol_and_never_pool_the_two_losses():
     assert table1(rows).set_index("row").loc["Trained — SimAOU", "sst2_mean"] == pytest.approx(0.30)
 
 
+def test_token_mean_cells_at_the_papers_scale_get_their_own_table_2():
+    """n-test 2000 (the paper's scale) and 200 (the sweeps') token-mean cells of the same
+    task and seed are never pooled: each Table 2 holds its own scale's numbers."""
+    from lens_iclgd.report import COLUMNS, table2
+
+    def row(method, simaou, n_asked, cell):
+        return {**dict.fromkeys(COLUMNS), "cell": cell, "model": "m", "baseline": "trained", "task": "sst2", "seed": 0,
+                "method": method, "lr": 1e-3, "lr_rule": "shared", "plain": False, "loss": "mean", "step_plain": True,
+                "ablate": "", "k": 32, "n_test": min(n_asked, 872), "paper_scale": n_asked >= 2000, "SimAOU": simaou}
+
+    rows = pd.DataFrame([row("gd", 0.1, 200, "a"), row("lcgd", 0.2, 200, "a"), row("gd", 0.3, 2000, "b"),
+                         row("lcgd", 0.4, 2000, "b")], columns=COLUMNS)
+    sweep_scale = table2(rows, "shared", "mean").set_index("row")
+    paper_scale = table2(rows, "shared", "mean", paper_scale=True).set_index("row")
+    assert sweep_scale.loc["SimAOU — GD", "sst2_mean"] == pytest.approx(0.1) and sweep_scale.loc["SimAOU — GD", "sst2_n"] == 1
+    assert paper_scale.loc["SimAOU — LCGD", "sst2_mean"] == pytest.approx(0.4) and paper_scale.loc["SimAOU — LCGD", "sst2_n"] == 1
+
+
 def test_paper_protocol_cells_get_their_own_tables_and_verdict_rows(tmp_path, tiny_hf_dir, second_hf_dir):
     """Cells at the default protocol (token-mean loss, GD's rate shared) feed the
     paper's-protocol Table 1 and findings, apart from the summed-loss ones; the numbers are
