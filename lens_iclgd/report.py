@@ -92,7 +92,7 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
             "seed": c["seed"], "lr": c["lr"], "lr_default": _lr_rule(c) == "default", "lr_rule": _lr_rule(c),
             "plain": _plain(c), "loss": _loss(c), "step_plain": _step_plain(c),
             "ablate": c.get("ablate", ""), "k": c["k_effective"], "n_test": c["n_test_effective"],
-            "paper_scale": c["n_test"] >= PAPER_SCALE_N_TEST,
+            "paper_scale": c.get("n_test", c["n_test_effective"]) >= PAPER_SCALE_N_TEST,  # as asked; else as run
             "acc_zs": r["accuracy"]["zs"], "acc_icl": r["accuracy"].get("icl"),
             "alpha": (r.get("alpha") or {}).get("mean"),
             "zs_simam": (r.get("zs_simam") or {}).get("mean"),  # absent in older results
