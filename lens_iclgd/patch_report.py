@@ -16,6 +16,10 @@ Per model, from every finished patching cell (one per task):
 Rule for the verdict, per model and finetuning method: the mean over tasks of the
 attn_out and mlp_out overlaps with ICL. At or above 0.5: "carried where ICL's is";
 below 0.2: "not carried where ICL's is"; between: "partly where ICL's is".
+
+The same mean is also given over the tasks where ICL's accuracy beats ZS's alone: where
+ICL does not help, its "effect" is a loss or noise, and where that is carried says less
+about how ICL works. The verdict itself stays on every task (no cell silently dropped).
 """
 
 from __future__ import annotations
@@ -71,17 +75,27 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
+def icl_helps(cell: dict[str, Any]) -> bool:
+    """Whether ICL's accuracy beats ZS's on the cell's test examples."""
+    return cell["layers"]["icl"]["accuracy"] > cell["zs_accuracy"]
+
+
 def model_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per finetuning method: the mean overlap with ICL (the verdict's number), and per
-    source the mean arrival depth and writer depths, over the model's tasks."""
+    """Per finetuning method: the mean overlap with ICL (the verdict's number), the same
+    over the tasks where ICL beats ZS, and per source the mean arrival depth and writer
+    depths, over the model's tasks."""
     methods = sorted({m for c in cells for m in c["layers"] if m != "icl"})
-    out: dict[str, Any] = {"tasks": len(cells), "methods": {}}
+    out: dict[str, Any] = {"tasks": len(cells), "methods": {},
+                           "icl_helps": sorted(Path(c["config"]["task"]).stem for c in cells if icl_helps(c))}
     for m in methods:
-        per_task = [_mean([c["overlap"][w].get(f"icl-{m}") for w in WRITERS]) for c in cells if m in c["layers"]]
-        mean = _mean(per_task)
+        per_task = {Path(c["config"]["task"]).stem: _mean([c["overlap"][w].get(f"icl-{m}") for w in WRITERS])
+                    for c in cells if m in c["layers"]}
+        mean = _mean(list(per_task.values()))
         verdict = ("not available" if mean is None else "carried where ICL's is" if mean >= SAME
                    else "not carried where ICL's is" if mean < APART else "partly where ICL's is")
-        out["methods"][m] = {"overlap": mean, "verdict": verdict, "n_tasks": sum(v is not None for v in per_task)}
+        helped = [v for t, v in per_task.items() if t in out["icl_helps"]]
+        out["methods"][m] = {"overlap": mean, "verdict": verdict, "n_tasks": sum(v is not None for v in per_task.values()),
+                             "overlap_icl_helps": _mean(helped), "n_tasks_icl_helps": sum(v is not None for v in helped)}
     out["depth"] = {s: {"arrival": _mean([arrival_depth(c["layers"][s]["resid_pre"]["recovered_share"]) for c in cells
                                           if s in c["layers"]]),
                         **{w: _mean([c["depth"][s][w] for c in cells if s in c["depth"]]) for w in WRITERS}}
@@ -117,6 +131,14 @@ def section(results_dir: str | Path, model: str | None, out: Path, expected: set
     for m, v in summary["methods"].items():
         lines.append(f"- **{m.upper()}'s change is {v['verdict']}** on {model}: mean overlap with ICL's attn_out and "
                      f"mlp_out profiles {_fmt(v['overlap'], '+.3f')} over {v['n_tasks']} task(s) (rule above).")
+    helps, meth, n = summary["icl_helps"], summary["methods"], summary["tasks"]
+    caveat = "ICL's effect is no gain there, and where it is carried says less about how ICL works"
+    if helps:
+        lines.append(f"- On the {len(helps)} of {n} task(s) where ICL's accuracy beats ZS's ({', '.join(helps)}), the overlap "
+                     "with ICL: " + ", ".join(f"{m.upper()} {_fmt(v['overlap_icl_helps'], '+.3f')}" for m, v in meth.items())
+                     + (f"; on the other {n - len(helps)}, {caveat}." if len(helps) < n else "."))
+    else:
+        lines.append(f"- ICL's accuracy beats ZS's on none of the {n} task(s): {caveat}.")
     d = summary["depth"]
     lines += [f"- ICL's effect arrives at the prediction position at depth {_fmt(d['icl']['arrival'])} (first layer whose "
               f"resid_pre recovers half of it, mean over tasks); GD's at {_fmt(d.get('gd', {}).get('arrival'))}, LCGD's at "
@@ -176,14 +198,15 @@ def crossmodel_section(results_dir: str | Path, out: Path, expected: set[str] | 
         return []
     models = sorted({c["config"]["model"] for c in cells})
     lines = ["| model | tasks | arrival depth ICL / GD / LCGD | attn_out depth ICL / GD / LCGD | overlap with ICL: GD | "
-             "overlap with ICL: LCGD |", "|---|---|---|---|---|---|"]
+             "overlap with ICL: LCGD | the same where ICL beats ZS: GD / LCGD (tasks) |", "|---|---|---|---|---|---|---|"]
     for m in models:
         s = model_summary([c for c in cells if c["config"]["model"] == m])
         d, meth = s["depth"], s["methods"]
         arrive = " / ".join(_fmt(d.get(x, {}).get("arrival")) for x in ("icl", "gd", "lcgd"))
         attn = " / ".join(_fmt(d.get(x, {}).get("attn_out")) for x in ("icl", "gd", "lcgd"))
         ov = [f"{_fmt(meth[x]['overlap'], '+.3f')} ({meth[x]['verdict']})" if x in meth else "-" for x in ("gd", "lcgd")]
-        lines.append(f"| {m} | {s['tasks']} | {arrive} | {attn} | {ov[0]} | {ov[1]} |")
+        helps = " / ".join(_fmt(meth[x]["overlap_icl_helps"], "+.3f") if x in meth else "-" for x in ("gd", "lcgd"))
+        lines.append(f"| {m} | {s['tasks']} | {arrive} | {attn} | {ov[0]} | {ov[1]} | {helps} ({len(s['icl_helps'])}) |")
     caption = fig_profiles(cells, out / "fig_crossmodel_patching.png", by_model=True)
     lines += ["", "Rule: " + RULE, "",
               "![fig_crossmodel_patching.png](fig_crossmodel_patching.png)", "", f"*{caption}*", ""]

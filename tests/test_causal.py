@@ -128,3 +128,27 @@ def test_patch_command_grid_key_and_bad_input(tiny_hf_dir, four_layer_hf_dir, tm
     assert "## Where the effect is carried: activation patching" in text
     assert f"**GD's change is {summary['methods']['gd']['verdict']}**" in text and f"{overlap:+.3f}" in text
     assert (results / "report" / "fig_patching.png").is_file()
+
+
+def _hand_cell(task: str, zs_acc: float, icl_acc: float, gd_attn: float, gd_mlp: float) -> dict:
+    """A patching.json with only what the report's summary reads."""
+    profile = {"recovered_share": [0.0, 0.5, 1.0]}
+    layer = {"resid_pre": profile, "attn_out": profile, "mlp_out": profile}
+    return {"config": {"task": task, "model": "m"}, "zs_accuracy": zs_acc,
+            "layers": {"icl": {**layer, "accuracy": icl_acc}, "gd": {**layer, "accuracy": 0.5}},
+            "overlap": {"attn_out": {"icl-gd": gd_attn}, "mlp_out": {"icl-gd": gd_mlp}},
+            "depth": {s: {"attn_out": 0.5, "mlp_out": 0.5} for s in ("icl", "gd")}}
+
+
+def test_overlap_also_over_the_tasks_where_icl_beats_zs():
+    from lens_iclgd.patch_report import model_summary
+
+    cells = [_hand_cell("sst2", 0.6, 0.8, 0.7, 0.5),   # ICL helps: overlap 0.6
+             _hand_cell("mr", 0.7, 0.7, -0.2, 0.0),    # a tie is no gain: left out of the subset
+             _hand_cell("subj", 0.6, 0.4, 0.1, 0.1)]   # ICL hurts
+    s = model_summary(cells)
+    assert s["icl_helps"] == ["sst2"]
+    gd = s["methods"]["gd"]
+    assert gd["overlap"] == pytest.approx((0.6 - 0.1 + 0.1) / 3) and gd["n_tasks"] == 3
+    assert gd["overlap_icl_helps"] == pytest.approx(0.6) and gd["n_tasks_icl_helps"] == 1
+    assert model_summary(cells[1:])["methods"]["gd"]["overlap_icl_helps"] is None
