@@ -88,13 +88,13 @@ def model_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"tasks": len(cells), "methods": {},
                            "icl_helps": sorted(Path(c["config"]["task"]).stem for c in cells if icl_helps(c))}
     for m in methods:
-        per_task = {Path(c["config"]["task"]).stem: _mean([c["overlap"][w].get(f"icl-{m}") for w in WRITERS])
-                    for c in cells if m in c["layers"]}
-        mean = _mean(list(per_task.values()))
+        with_m = [c for c in cells if m in c["layers"]]
+        per_task = [_mean([c["overlap"][w].get(f"icl-{m}") for w in WRITERS]) for c in with_m]
+        mean = _mean(per_task)
         verdict = ("not available" if mean is None else "carried where ICL's is" if mean >= SAME
                    else "not carried where ICL's is" if mean < APART else "partly where ICL's is")
-        helped = [v for t, v in per_task.items() if t in out["icl_helps"]]
-        out["methods"][m] = {"overlap": mean, "verdict": verdict, "n_tasks": sum(v is not None for v in per_task.values()),
+        helped = [v for c, v in zip(with_m, per_task) if icl_helps(c)]
+        out["methods"][m] = {"overlap": mean, "verdict": verdict, "n_tasks": sum(v is not None for v in per_task),
                              "overlap_icl_helps": _mean(helped), "n_tasks_icl_helps": sum(v is not None for v in helped)}
     out["depth"] = {s: {"arrival": _mean([arrival_depth(c["layers"][s]["resid_pre"]["recovered_share"]) for c in cells
                                           if s in c["layers"]]),
