@@ -30,6 +30,7 @@ from . import patch_report, rates, shen
 from .costs import cost_table_markdown
 from .findings import CLAIMS, Finding
 from .icl_gain import icl_gain_body, icl_gain_table
+from .lr_rule import rate_origin
 from .store import atomic_write_bytes, atomic_write_text
 
 
@@ -346,24 +347,10 @@ def learning_rates_used(coll: R.Collected) -> str:
             sub = rows[rows["task"] == task]
             parts.append(task + " " + "; ".join(
                 f"{m.upper()} " + "/".join(f"{v:g}" for v in sorted(sub[sub["method"] == m]["lr"].unique()))
-                + f" ({', '.join(sorted({_rate_origin(x) for x in sub[sub['method'] == m]['lr_source']}))})"
+                + f" ({', '.join(sorted({rate_origin(x) for x in sub[sub['method'] == m]['lr_source']}))})"
                 for m in ("gd", "lcgd") if (sub["method"] == m).any()))
         out.append(f"Learning rates of the chosen-rate cells ({PROTOCOL_TITLES[protocol]}): " + ", ".join(parts) + ".")
     return " ".join(out) or "Learning rates: no cells at the chosen rates."
-
-
-def _rate_origin(source: str | None) -> str:
-    """results.json's lr_source, in a few words."""
-    source = source or ""
-    if source.startswith("--lr auto on the trained model"):
-        return "chosen on the trained model in the cell"
-    if source.startswith("--lr auto"):
-        return "chosen in the cell"
-    if source.startswith("paper"):
-        return "the paper's 1.3B rate"
-    if "GD's chosen rate" in source:
-        return "GD's rate from the table"
-    return "own rate from the table" if source.startswith("learning_rates.toml") else source or "unrecorded"
 
 
 def _timings(cell_dir: Path) -> dict[str, Any]:

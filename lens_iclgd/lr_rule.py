@@ -108,6 +108,20 @@ def default_lr(model: str, task: Any, method: str = "gd", shared: bool = False,
     raise UserError(f"task {task.name} has no default learning rate for {model}: pass --lr <rate> or --lr auto")
 
 
+def rate_origin(source: str | None) -> str:
+    """A run's lr_source (as default_lr and --lr auto write it), in a few words."""
+    source = source or ""
+    if source.startswith("--lr auto on the trained model"):
+        return "chosen on the trained model in the cell"
+    if source.startswith("--lr auto"):
+        return "chosen in the cell"
+    if source.startswith("paper"):
+        return "the paper's 1.3B rate"
+    if "GD's chosen rate" in source:
+        return "GD's rate from the table"
+    return "own rate from the table" if source.startswith("learning_rates.toml") else source or "unrecorded"
+
+
 def best_lr(curve: Mapping[float, float | None]) -> float:
     """The rate with the best held-out accuracy; ties go to the largest rate (the strongest
     update that does not hurt). Rates whose training diverged (None) never win."""

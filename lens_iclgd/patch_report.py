@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .costs import cell_seconds
+from .lr_rule import rate_origin
 
 SAME, APART = 0.5, 0.2  # the verdict's thresholds on the mean profile overlap
 RULE = (f"per model and finetuning method, the mean over tasks of the attn_out and mlp_out overlaps with ICL's "
@@ -80,6 +81,12 @@ def icl_helps(cell: dict[str, Any]) -> bool:
     return cell["layers"]["icl"]["accuracy"] > cell["zs_accuracy"]
 
 
+def at_paper_rate(cell: dict[str, Any]) -> bool:
+    """Whether the cell's GD ran at the paper's 1.3B rate: no rate was chosen for this
+    model and task when it ran (lr_rule.default_lr's last resort)."""
+    return rate_origin((cell["config"].get("lr_source_by_method") or {}).get("gd")) == "the paper's 1.3B rate"
+
+
 def model_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Per finetuning method: the mean overlap with ICL (the verdict's number), the same
     over the tasks where ICL beats ZS, and per source the mean arrival depth and writer
@@ -112,12 +119,14 @@ def section(results_dir: str | Path, model: str | None, out: Path, expected: set
     model = model or ", ".join(sorted({c["config"]["model"] for c in cells}))
     summary = model_summary(cells)
     lines = ["Rule: " + RULE, "",
-             "| task | lr (rule, loss) | acc ZS / ICL / GD / LCGD | arrival depth ICL / GD / LCGD | attn_out depth ICL / GD / LCGD "
+             "| task | lr (rule, loss, origin) | acc ZS / ICL / GD / LCGD | arrival depth ICL / GD / LCGD | attn_out depth ICL / GD / LCGD "
              "| overlap attn_out ICL-GD / ICL-LCGD | overlap mlp_out ICL-GD / ICL-LCGD | task vector: best depth, acc | top ICL heads |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: c["config"]["task"]):
         cfg, L = c["config"], c["layers"]
         lrs = ", ".join(f"{k.upper()} {v:g}" for k, v in cfg["lr_by_method"].items())
+        origin = rate_origin((cfg.get("lr_source_by_method") or {}).get("gd"))
+        origin = "chosen" if origin.endswith("from the table") else origin
         acc = " / ".join([_fmt(c["zs_accuracy"])] + [_fmt(L[s]["accuracy"]) if s in L else "-" for s in ("icl", "gd", "lcgd")])
         arrive = " / ".join(_fmt(arrival_depth(L[s]["resid_pre"]["recovered_share"])) if s in L else "-" for s in ("icl", "gd", "lcgd"))
         attn = " / ".join(_fmt(c["depth"][s]["attn_out"]) if s in c["depth"] else "-" for s in ("icl", "gd", "lcgd"))
@@ -125,7 +134,7 @@ def section(results_dir: str | Path, model: str | None, out: Path, expected: set
         tv = c["task_vectors"].get("icl")
         tv_text = f"{tv['best_layer'] / max(c['n_layers'] - 1, 1):.2f}, {tv['best_accuracy']:.2f}" if tv else "-"
         heads = ", ".join(f"L{h['layer']}H{h['head']}" for h in c["heads"]["icl"]["top"][:3]) if "icl" in c["heads"] else "-"
-        lines.append(f"| {Path(cfg['task']).stem} | {lrs} ({cfg['lr_rule']}, {cfg['loss_reduction']}) | {acc} | {arrive} | "
+        lines.append(f"| {Path(cfg['task']).stem} | {lrs} ({cfg['lr_rule']}, {cfg['loss_reduction']}, {origin}) | {acc} | {arrive} | "
                      f"{attn} | {ov['attn_out']} | {ov['mlp_out']} | {tv_text} | {heads} |")
     lines.append("")
     for m, v in summary["methods"].items():
@@ -139,6 +148,11 @@ def section(results_dir: str | Path, model: str | None, out: Path, expected: set
                      + (f"; on the other {n - len(helps)}, {caveat}." if len(helps) < n else "."))
     else:
         lines.append(f"- ICL's accuracy beats ZS's on none of the {n} task(s): {caveat}.")
+    paper_rate = sorted(Path(c["config"]["task"]).stem for c in cells if at_paper_rate(c))
+    if paper_rate:
+        lines.append(f"- Rates: {len(paper_rate)} of {n} task(s) ran at the paper's 1.3B rate, none being chosen for "
+                     f"this model yet ({', '.join(paper_rate)}); the others at GD's rate chosen by the token-mean sweep "
+                     "(learning_rates.toml [mean]).")
     d = summary["depth"]
     lines += [f"- ICL's effect arrives at the prediction position at depth {_fmt(d['icl']['arrival'])} (first layer whose "
               f"resid_pre recovers half of it, mean over tasks); GD's at {_fmt(d.get('gd', {}).get('arrival'))}, LCGD's at "

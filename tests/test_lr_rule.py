@@ -56,6 +56,21 @@ def test_the_token_mean_loss_has_its_own_table_and_falls_back_to_the_papers_rate
     assert default_lr("m", mr, "gd", loss_reduction="mean") == (mr.paper_lr, "paper (1.3B model, token-mean loss)")
 
 
+def test_a_reports_words_for_a_rate_read_the_source_default_lr_wrote(table):
+    from lens_iclgd.patch_report import at_paper_rate
+
+    sst2, mr = load_task("sst2"), load_task("mr")
+    table.write_text('[mean."m".gd]\nsst2 = 0.3\n')
+    words = {}
+    for task in (sst2, mr):
+        src = {m: default_lr("m", task, m, shared=True, loss_reduction="mean")[1] for m in ("gd", "lcgd")}
+        words[task.name] = {m: lr_rule.rate_origin(s) for m, s in src.items()}
+        assert at_paper_rate({"config": {"lr_source_by_method": src}}) == (task.name == "mr")
+    assert words["sst2"] == {"gd": "own rate from the table", "lcgd": "GD's rate from the table"}
+    assert words["mr"] == {"gd": "the paper's 1.3B rate", "lcgd": "the paper's 1.3B rate"}
+    assert lr_rule.rate_origin("--lr") == "--lr" and lr_rule.rate_origin(None) == "unrecorded"
+
+
 def test_no_rate_given_means_shared_under_the_mean_loss_and_own_under_the_sum():
     assert lr_rule.lr_rule_of(None, "mean") == "shared" and lr_rule.lr_rule_of(None, "sum") == "default"
     assert lr_rule.lr_rule_of("own", "mean") == "default" == lr_rule.lr_rule_of("own", "sum")
