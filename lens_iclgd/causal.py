@@ -20,6 +20,7 @@ patching.py's; this module runs them for a cell and summarises them.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -130,6 +131,7 @@ def patching_study(inp: Inputs, keys: dict[str, str],
         layers[s] = {"accuracy": round(float(src.correct.float().mean()), 6),
                      "effect": round(float((src.logit_diff - zs.logit_diff).mean()), 6),
                      "mean_abs_effect": round(float((src.logit_diff - zs.logit_diff).abs().mean()), 6),
+                     "majority_label_share": round(src.majority_label_share, 6),
                      **{comp: _profile(got["value"][comp], zs, src) for comp in COMPONENTS}}
         for comp in COMPONENTS:
             ld, ok = got["value"][comp]["logit_diff"], got["value"][comp]["correct"]
@@ -192,12 +194,15 @@ def patching_study(inp: Inputs, keys: dict[str, str],
             "task_vector": "accuracy of ZS with blocks.{l}.hook_resid_pre at the prediction position replaced by the "
                            "source's mean over the test examples",
             "overlap": "Pearson correlation of two per-layer recovered-share profiles",
+            "majority_label_share": "share of the test examples on which the run predicts its most frequent option "
+                                    "(a collapsed run: at least findings.COLLAPSED_SHARE)",
             "depth": "centre of mass of a profile's positive recovered share on the normalised depth axis (0 first "
                      "layer, 1 last)",
         },
         "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads, "n_test": len(p.queries),
         "n_head_examples": n_heads_examples,
         "zs_accuracy": round(float(zs.correct.float().mean()), 6),
+        "zs_majority_label_share": round(zs.majority_label_share, 6),
         "layers": layers, "overlap": overlap, "depth": depth, "heads": heads, "task_vectors": tv,
     }
     return result, table, seconds
@@ -237,6 +242,43 @@ def run_patching(config: RunConfig, out: str | Path, loaded: LoadedModel | None 
                                                            "machine": describe_cpu(), "provenance": provenance()})
         atomic_write_json(out / "patching.json", result)  # last: its presence marks the cell finished
     return result
+
+
+class _StagesOnly(StageStore):
+    """A stage store that only reads: a missing stage is an error, never a recompute."""
+
+    def load(self, stage: str, key: str) -> Any:
+        value = super().load(stage, key)
+        if value is None:
+            raise UserError(f"stage {self.path(stage, key)} is missing: rerun the cell instead (delete its patching.json)")
+        return value
+
+
+def _without_shares(result: dict[str, Any]) -> dict[str, Any]:
+    """patching.json's content as the code before majority_label_share wrote it."""
+    out = json.loads(json.dumps(result))
+    out.pop("zs_majority_label_share", None)
+    out["definitions"].pop("majority_label_share", None)
+    for v in out["layers"].values():
+        v.pop("majority_label_share", None)
+    return out
+
+
+def refresh_majority_shares(config: RunConfig, out: str | Path, stages_dir: str | Path,
+                            loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """Give a patching cell finished before majority_label_share was recorded its shares,
+    from the cell's stages (no training, no patching: every stage must exist), and check
+    that every other entry of patching.json comes back as it was before rewriting it; the
+    parquet, figures and timings stay. The file is then what a fresh run writes."""
+    out = Path(out)
+    old = json.loads((out / "patching.json").read_text())
+    inp = prepare(config.validate(), loaded)
+    result, _, _ = patching_study(inp, stage_keys(inp), _StagesOnly(Path(stages_dir)))
+    new = {"config": old["config"], **result}
+    if _without_shares(new) != _without_shares(old):
+        raise UserError(f"{out}: the stages do not reproduce its patching.json: rerun the cell instead")
+    atomic_write_json(out / "patching.json", new)
+    return new
 
 
 def _plt():

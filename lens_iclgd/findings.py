@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A setting (ICL, GD, LCGD) predicting one label on at least this share of its predictions
+# has collapsed: its "effect" is the collapse, not the task. Shen et al.'s order claims and
+# the causal study's overlaps both leave such tasks out, and name them.
+COLLAPSED_SHARE = 0.95
+
 VERDICTS = ("agrees", "partly agrees", "does not agree", "depends on the rate", "not available")
 
 

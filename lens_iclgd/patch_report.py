@@ -31,12 +31,15 @@ from typing import Any
 import numpy as np
 
 from .costs import cell_seconds
+from .findings import COLLAPSED_SHARE
 from .lr_rule import rate_origin
 
 SAME, APART = 0.5, 0.2  # the verdict's thresholds on the mean profile overlap
 RULE = (f"per model and finetuning method, the mean over tasks of the attn_out and mlp_out overlaps with ICL's "
         f"profiles: at or above {SAME}, \"carried where ICL's is\"; below {APART}, \"not carried where ICL's is\"; "
-        "between, \"partly where ICL's is\".")
+        f"between, \"partly where ICL's is\". A task where ICL or the method predicts one label on at least "
+        f"{COLLAPSED_SHARE:g} of the test examples is left out of that method's mean, and named: a collapsed run's "
+        "effect is the collapse, not the task.")
 WRITERS = ("attn_out", "mlp_out")
 
 
@@ -87,26 +90,43 @@ def at_paper_rate(cell: dict[str, Any]) -> bool:
     return rate_origin((cell["config"].get("lr_source_by_method") or {}).get("gd")) == "the paper's 1.3B rate"
 
 
+def collapsed(cell: dict[str, Any], source: str) -> float | None:
+    """The source's majority-label share when it has collapsed (at least COLLAPSED_SHARE),
+    else None; a cell from before the share was recorded counts as not collapsed."""
+    share = cell["layers"][source].get("majority_label_share")
+    return share if share is not None and share >= COLLAPSED_SHARE else None
+
+
 def model_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Per finetuning method: the mean overlap with ICL (the verdict's number), the same
     over the tasks where ICL beats ZS, and per source the mean arrival depth and writer
-    depths, over the model's tasks."""
+    depths, over the model's tasks. A cell where ICL or the method collapsed to one label
+    is left out of that method's means and listed in its `left_out`; a source's depths
+    leave out the cells where it collapsed."""
     methods = sorted({m for c in cells for m in c["layers"] if m != "icl"})
     out: dict[str, Any] = {"tasks": len(cells), "methods": {},
                            "icl_helps": sorted(Path(c["config"]["task"]).stem for c in cells if icl_helps(c))}
     for m in methods:
-        with_m = [c for c in cells if m in c["layers"]]
+        with_m, left_out = [], []  # left out: "task (who collapsed, their majority-label shares)"
+        for c in (c for c in cells if m in c["layers"]):
+            shares = {x.upper(): collapsed(c, x) for x in ("icl", m)}
+            why = ", ".join(f"{x} {v:.2f}" for x, v in shares.items() if v is not None)
+            if why:
+                left_out.append(f"{Path(c['config']['task']).stem} ({why})")
+            else:
+                with_m.append(c)
         per_task = [_mean([c["overlap"][w].get(f"icl-{m}") for w in WRITERS]) for c in with_m]
         mean = _mean(per_task)
         verdict = ("not available" if mean is None else "carried where ICL's is" if mean >= SAME
                    else "not carried where ICL's is" if mean < APART else "partly where ICL's is")
         helped = [v for c, v in zip(with_m, per_task) if icl_helps(c)]
         out["methods"][m] = {"overlap": mean, "verdict": verdict, "n_tasks": sum(v is not None for v in per_task),
-                             "overlap_icl_helps": _mean(helped), "n_tasks_icl_helps": sum(v is not None for v in helped)}
-    out["depth"] = {s: {"arrival": _mean([arrival_depth(c["layers"][s]["resid_pre"]["recovered_share"]) for c in cells
-                                          if s in c["layers"]]),
-                        **{w: _mean([c["depth"][s][w] for c in cells if s in c["depth"]]) for w in WRITERS}}
-                    for s in ["icl", *methods]}
+                             "overlap_icl_helps": _mean(helped), "n_tasks_icl_helps": sum(v is not None for v in helped),
+                             "left_out": left_out}
+    kept = {s: [c for c in cells if s in c["layers"] and collapsed(c, s) is None] for s in ["icl", *methods]}
+    out["depth"] = {s: {"arrival": _mean([arrival_depth(c["layers"][s]["resid_pre"]["recovered_share"]) for c in cs]),
+                        **{w: _mean([c["depth"][s][w] for c in cs if s in c["depth"]]) for w in WRITERS}}
+                    for s, cs in kept.items()}
     return out
 
 
@@ -140,11 +160,17 @@ def section(results_dir: str | Path, model: str | None, out: Path, expected: set
     for m, v in summary["methods"].items():
         lines.append(f"- **{m.upper()}'s change is {v['verdict']}** on {model}: mean overlap with ICL's attn_out and "
                      f"mlp_out profiles {_fmt(v['overlap'], '+.3f')} over {v['n_tasks']} task(s) (rule above).")
+    for m, v in summary["methods"].items():
+        if v["left_out"]:
+            lines.append(f"- Left out of {m.upper()}'s mean, collapsed to one label (majority-label share): "
+                         + "; ".join(v["left_out"]) + ".")
     helps, meth, n = summary["icl_helps"], summary["methods"], summary["tasks"]
     caveat = "ICL's effect is no gain there, and where it is carried says less about how ICL works"
     if helps:
         lines.append(f"- On the {len(helps)} of {n} task(s) where ICL's accuracy beats ZS's ({', '.join(helps)}), the overlap "
-                     "with ICL: " + ", ".join(f"{m.upper()} {_fmt(v['overlap_icl_helps'], '+.3f')}" for m, v in meth.items())
+                     "with ICL: " + ", ".join(f"{m.upper()} {_fmt(v['overlap_icl_helps'], '+.3f')}"
+                                              + (f" ({v['n_tasks_icl_helps']} not collapsed)"
+                                                 if v["n_tasks_icl_helps"] < len(helps) else "") for m, v in meth.items())
                      + (f"; on the other {n - len(helps)}, {caveat}." if len(helps) < n else "."))
     else:
         lines.append(f"- ICL's accuracy beats ZS's on none of the {n} task(s): {caveat}.")
@@ -183,7 +209,7 @@ def fig_profiles(cells: list[dict[str, Any]], path: Path, by_model: bool = False
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=False)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in cells:
-        for s in c["layers"]:
+        for s in (s for s in c["layers"] if collapsed(c, s) is None):
             groups.setdefault((c["config"]["model"] if by_model else "", s), []).append(c)
     for ax, comp in zip(axes, comps):
         for (model, s), cs in sorted(groups.items()):
@@ -193,15 +219,16 @@ def fig_profiles(cells: list[dict[str, Any]], path: Path, by_model: bool = False
         ax.set_title(f"hook_{comp}")
         ax.set_xlabel("normalised depth")
     axes[0].set_ylabel("share of the effect recovered")
-    axes[0].legend(fontsize=7)
+    if groups:  # every run collapsed: empty axes, no legend
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)
     n_tasks = len({(c["config"]["model"], c["config"]["task"]) for c in cells})
     return (f"Share of each source's effect on the gold-vs-best-other logit difference recovered by patching one "
             f"vector at the prediction position into ZS, mean over {n_tasks} (model, task) cell(s), on the normalised "
-            "depth axis. Solid ICL, dashed GD, dotted LCGD. Token-mean loss, one rate shared by GD and LCGD "
-            "(each cell's rates in the table).")
+            "depth axis (a source's runs collapsed to one label left out). Solid ICL, dashed GD, dotted LCGD. "
+            "Token-mean loss, one rate shared by GD and LCGD (each cell's rates in the table).")
 
 
 def crossmodel_section(results_dir: str | Path, out: Path, expected: set[str] | None = None) -> list[str]:
@@ -218,9 +245,13 @@ def crossmodel_section(results_dir: str | Path, out: Path, expected: set[str] | 
         d, meth = s["depth"], s["methods"]
         arrive = " / ".join(_fmt(d.get(x, {}).get("arrival")) for x in ("icl", "gd", "lcgd"))
         attn = " / ".join(_fmt(d.get(x, {}).get("attn_out")) for x in ("icl", "gd", "lcgd"))
-        ov = [f"{_fmt(meth[x]['overlap'], '+.3f')} ({meth[x]['verdict']})" if x in meth else "-" for x in ("gd", "lcgd")]
-        helps = " / ".join(_fmt(meth[x]["overlap_icl_helps"], "+.3f") if x in meth else "-" for x in ("gd", "lcgd"))
-        lines.append(f"| {m} | {s['tasks']} | {arrive} | {attn} | {ov[0]} | {ov[1]} | {helps} ({len(s['icl_helps'])}) |")
+        ov = [f"{_fmt(meth[x]['overlap'], '+.3f')} ({meth[x]['verdict']}"
+              + (f"; {len(meth[x]['left_out'])} of {meth[x]['n_tasks'] + len(meth[x]['left_out'])} task(s) left out, "
+                 "collapsed)" if meth[x]["left_out"] else ")")
+              if x in meth else "-" for x in ("gd", "lcgd")]
+        helps = " / ".join(f"{_fmt(meth[x]['overlap_icl_helps'], '+.3f')} ({meth[x]['n_tasks_icl_helps']})" if x in meth
+                           else "-" for x in ("gd", "lcgd"))
+        lines.append(f"| {m} | {s['tasks']} | {arrive} | {attn} | {ov[0]} | {ov[1]} | {helps} |")
     caption = fig_profiles(cells, out / "fig_crossmodel_patching.png", by_model=True)
     lines += ["", "Rule: " + RULE, "",
               "![fig_crossmodel_patching.png](fig_crossmodel_patching.png)", "", f"*{caption}*", ""]

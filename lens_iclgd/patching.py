@@ -273,6 +273,13 @@ class LastToken:
     def correct(self) -> Bool[Tensor, "example"]:
         return _correct(self.option_logits, self.labels)
 
+    @property
+    def majority_label_share(self) -> float:
+        """The share of examples on which the run predicts its most frequent option: 1.0
+        for a run that answers one label whatever the input (findings.COLLAPSED_SHARE)."""
+        predicted = self.option_logits.argmax(-1)
+        return float(torch.bincount(predicted).max()) / len(predicted)
+
 
 @torch.no_grad()
 def last_token_activations(model: HookedTransformer, prefix: list[int], queries: Sequence[Query],

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .findings import COLLAPSED_SHARE  # across orders, disagreement <= about 2 x (1 - share)
 from .tasks import PAPER_TASKS
 
 # Internal metrics (metrics.compare) and output metrics (outputs.py; "out_" + name) with a
@@ -40,9 +41,6 @@ INTERNAL = ("SimAOU", "SimAOU_norm", "SimAM", "SimAM_delta")
 OUTPUT = ("top_k_overlap", "overlap_cosine", "js")
 CEILING_METRICS = INTERNAL + tuple(f"out_{o}" for o in OUTPUT)
 METHODS = ("icl", "gd", "lcgd")
-# A setting predicting one label this often, over every order, has collapsed: its
-# disagreement across orders is at most about 2 x (1 - share), whatever the order does.
-COLLAPSED_SHARE = 0.95
 
 
 def order_cells(results_dir: str | Path, model: str | None = None, expected: set[str] | None = None) -> list[dict[str, Any]]:

@@ -2,15 +2,18 @@
 The patching computations themselves are tested against TransformerLens in test_patching.py."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TEST_DATA, cli_in_process, grid_file, save_tiny_llama
 from lens_iclgd import patching as P
 from lens_iclgd.causal import centre_of_mass, profile_overlap, run_patching
 from lens_iclgd.config import RunConfig
+from lens_iclgd.findings import COLLAPSED_SHARE
 from lens_iclgd.finetune import finetuned
 from lens_iclgd.grid import cell_id, cells, load_grid, run_grid
 from lens_iclgd.inputs import prepare
@@ -121,21 +124,90 @@ def test_patch_command_grid_key_and_bad_input(tiny_hf_dir, four_layer_hf_dir, tm
     overlaps = [cell_json["overlap"][w]["icl-gd"] for w in ("attn_out", "mlp_out")]
     assert all(v is not None for v in overlaps), overlaps
     overlap = np.mean(overlaps)
+    shares = {s: cell_json["layers"][s]["majority_label_share"] for s in ("icl", "gd")}
+    assert all(1 / 2 <= v <= 1 for v in shares.values()), shares  # two options
+    # the tiny model answers one label on its 8 test examples, with and without demonstrations:
+    # the report leaves the task out of GD's mean and names it; the verdict's arithmetic is
+    # checked with the shares unset (a cell from before they were recorded)
+    assert min(shares.values()) >= COLLAPSED_SHARE, shares
+    summary = model_summary([cell_json])
+    assert summary["methods"]["gd"]["overlap"] is None and summary["methods"]["gd"]["verdict"] == "not available"
+    task = Path(cell_json["config"]["task"]).stem
+    assert (f"Left out of GD's mean, collapsed to one label (majority-label share): {task} (ICL {shares['icl']:.2f}, "
+            f"GD {shares['gd']:.2f})") in text
+    for s in shares:
+        del cell_json["layers"][s]["majority_label_share"]
     summary = model_summary([cell_json])
     assert summary["methods"]["gd"]["overlap"] == pytest.approx(overlap)
     want = "carried where ICL's is" if overlap >= 0.5 else "not carried where ICL's is" if overlap < 0.2 else "partly"
     assert summary["methods"]["gd"]["verdict"].startswith(want)
     assert "## Where the effect is carried: activation patching" in text
-    assert f"**GD's change is {summary['methods']['gd']['verdict']}**" in text and f"{overlap:+.3f}" in text
     assert (results / "report" / "fig_patching.png").is_file()
 
 
-def _hand_cell(task: str, zs_acc: float, icl_acc: float, gd_attn: float, gd_mlp: float) -> dict:
-    """A patching.json with only what the report's summary reads."""
+def test_refreshing_an_old_cell_adds_the_shares_from_its_stages_and_nothing_else(tiny_hf_dir, tmp_path):
+    from lens_iclgd.causal import refresh_majority_shares
+    from lens_iclgd.errors import UserError
+
+    config = _config(tiny_hf_dir)
+    out, stages = tmp_path / "cell", tmp_path / "stages"
+    run_patching(config, out, stages_dir=stages)
+    fresh = (out / "patching.json").read_bytes()
+    old = json.loads(fresh)  # as the code before the shares wrote it
+    old.pop("zs_majority_label_share")
+    old["definitions"].pop("majority_label_share")
+    for v in old["layers"].values():
+        v.pop("majority_label_share")
+    (out / "patching.json").write_text(json.dumps(old))
+    refresh_majority_shares(config, out, stages)
+    assert (out / "patching.json").read_bytes() == fresh
+    # a number the stages do not reproduce, or a missing stage: an error, nothing rewritten
+    old["layers"]["gd"]["effect"] += 1
+    (out / "patching.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="do not reproduce"):
+        refresh_majority_shares(config, out, stages)
+    next(stages.glob("patch-layers-gd-*.pt")).unlink()
+    with pytest.raises(UserError, match="is missing"):
+        refresh_majority_shares(config, out, stages)
+    assert json.loads((out / "patching.json").read_text()) == old
+
+
+def test_a_collapsed_run_leaves_the_overlap_mean_and_is_named():
+    from lens_iclgd.patch_report import model_summary
+
+    cells = [_hand_cell("sst2", 0.6, 0.8, 0.7, 0.5, gd_share=0.6),
+             _hand_cell("mr", 0.6, 0.8, -0.4, -0.2, gd_share=0.96),    # GD collapsed
+             _hand_cell("subj", 0.6, 0.8, 0.1, 0.3, icl_share=1.0),    # ICL collapsed
+             _hand_cell("cb", 0.6, 0.8, 0.2, 0.2)]                     # recorded before the share: kept
+    gd = model_summary(cells)["methods"]["gd"]
+    assert gd["overlap"] == pytest.approx((0.6 + 0.2) / 2) and gd["n_tasks"] == 2
+    assert gd["overlap_icl_helps"] == pytest.approx(0.4)
+    assert gd["left_out"] == ["mr (GD 0.96)", "subj (ICL 1.00)"]
+    # at the threshold: collapsed; just below: kept
+    assert model_summary([_hand_cell("mr", 0.6, 0.8, 0.1, 0.1, gd_share=0.95)])["methods"]["gd"]["n_tasks"] == 0
+    assert model_summary([_hand_cell("mr", 0.6, 0.8, 0.1, 0.1, gd_share=0.949)])["methods"]["gd"]["n_tasks"] == 1
+
+
+def test_majority_label_share_counts_the_runs_own_predictions():
+    from lens_iclgd.patching import LastToken
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [5.0, 0.0, 0.0], [1.0, 0.0, 4.0], [3.0, 2.0, 1.0]])
+    empty = torch.zeros(5, 1, 2)
+    run = LastToken(empty, empty, empty, logits, torch.zeros(5, dtype=torch.long))
+    assert run.majority_label_share == pytest.approx(3 / 5)  # option 0 on examples 0, 2, 4
+    run.option_logits = torch.tensor([[0.0, 1.0]] * 4)
+    assert run.majority_label_share == 1.0
+
+
+def _hand_cell(task: str, zs_acc: float, icl_acc: float, gd_attn: float, gd_mlp: float,
+               icl_share: float | None = None, gd_share: float | None = None) -> dict:
+    """A patching.json with only what the report's summary reads (a share of None: a cell
+    from before majority_label_share was recorded)."""
     profile = {"recovered_share": [0.0, 0.5, 1.0]}
     layer = {"resid_pre": profile, "attn_out": profile, "mlp_out": profile}
+    shares = {s: {} if v is None else {"majority_label_share": v} for s, v in (("icl", icl_share), ("gd", gd_share))}
     return {"config": {"task": task, "model": "m"}, "zs_accuracy": zs_acc,
-            "layers": {"icl": {**layer, "accuracy": icl_acc}, "gd": {**layer, "accuracy": 0.5}},
+            "layers": {"icl": {**layer, "accuracy": icl_acc, **shares["icl"]}, "gd": {**layer, "accuracy": 0.5, **shares["gd"]}},
             "overlap": {"attn_out": {"icl-gd": gd_attn}, "mlp_out": {"icl-gd": gd_mlp}},
             "depth": {s: {"attn_out": 0.5, "mlp_out": 0.5} for s in ("icl", "gd")}}
 
