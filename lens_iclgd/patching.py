@@ -56,7 +56,7 @@ from .device import model_device
 from .errors import UserError, check_int
 from .fast import fast_forward, prerotation_supported, rotate_cached_keys
 from .prompts import PromptSet, Query, bos_tokens, encode
-from .recording import Hook, _expand
+from .recording import Hook, _expand, majority_share
 from .tasks import Task
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out")  # the d_model vectors a layer is patched at
@@ -275,10 +275,7 @@ class LastToken:
 
     @property
     def majority_label_share(self) -> float:
-        """The share of examples on which the run predicts its most frequent option: 1.0
-        for a run that answers one label whatever the input (findings.COLLAPSED_SHARE)."""
-        predicted = self.option_logits.argmax(-1)
-        return float(torch.bincount(predicted).max()) / len(predicted)
+        return majority_share(self.option_logits.argmax(-1))
 
 
 @torch.no_grad()

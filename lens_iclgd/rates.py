@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .findings import COLLAPSED_SHARE
 from .lr_rule import best_lr
 
 REGIMES = {"a": "shared rate (GD's chosen)", "b": "each method's own chosen rate", "c": "matched update size"}
@@ -34,7 +35,9 @@ INTRO = ("Sweep cells: GD and LCGD at one shared, explicit rate per cell. Findin
          "method at its own, (c) with LCGD read off its sweep at the update size GD has at GD's chosen rate (linear in "
          "log size; update size: mean |h_FT - h_ZS| / |h_ZS| at hook_attn_out), and at every rate; \"depends on the "
          "rate\" where these disagree. Rates are chosen on held-out training examples (mean over seeds); a chosen rate "
-         "on the sweep's edge is flagged. Summed- and mean-loss sweeps are never pooled (docs/learning-rates.md).")
+         "on the sweep's edge is flagged, and so is one at which the method predicted one label on the held-out examples "
+         "(\"collapsed on held-out\"; older cells did not record it). Summed- and mean-loss sweeps are never "
+         "pooled (docs/learning-rates.md).")
 
 
 def sweep_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
@@ -53,14 +56,16 @@ def sweep_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
                          "n_test": c["n_test_effective"], "task": Path(c["task"]).stem, "seed": c["seed"], "lr": lrs[m],
                          "method": m, "SimAM_delta": r["metrics"][m]["SimAM_delta"]["mean"],
                          "SimAOU": r["metrics"][m]["SimAOU"]["mean"], "acc": r["accuracy"][m], "acc_zs": r["accuracy"]["zs"],
-                         "heldout": (r.get("heldout_accuracy") or {}).get(m), "update_size": size.get("mean"),
+                         "heldout": (r.get("heldout_accuracy") or {}).get(m),
+                         "heldout_share": (r.get("heldout_majority_share") or {}).get(m), "update_size": size.get("mean"),
                          "kl_from_zs": size.get("kl_from_zs")})
     return pd.DataFrame(rows)
 
 
 def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per (task, method): the accuracy-chosen rate (mean held-out accuracy over seeds),
-    and whether it is the sweep's lowest or highest rate."""
+    whether it is the sweep's lowest or highest rate, and whether the method predicted one
+    label on at least COLLAPSED_SHARE of the held-out examples there (None: not recorded)."""
     out = []
     for (task, method), sub in sweep.groupby(["task", "method"]):
         if sub["heldout"].isna().all():
@@ -68,9 +73,10 @@ def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
         curve = sub.groupby("lr")["heldout"].mean()
         lr = best_lr({float(k): (None if pd.isna(v) else float(v)) for k, v in curve.items()})
         rates = sorted(sub["lr"].unique())
+        shares = sub.loc[sub["lr"] == lr].get("heldout_share", pd.Series(dtype=float)).dropna()  # older cells lack it
         out.append({"task": task, "method": method, "lr": lr, "edge": lr in (rates[0], rates[-1]) and len(rates) > 1,
-                    "n_rates": len(rates)})
-    return pd.DataFrame(out, columns=["task", "method", "lr", "edge", "n_rates"])
+                    "collapsed": bool(shares.max() >= COLLAPSED_SHARE) if len(shares) else None, "n_rates": len(rates)})
+    return pd.DataFrame(out, columns=["task", "method", "lr", "edge", "collapsed", "n_rates"])
 
 
 def _at(sweep: pd.DataFrame, task: str, method: str, lr: float, col: str) -> float:
@@ -86,6 +92,14 @@ def _matched(sweep: pd.DataFrame, task: str, size: float) -> float:
     if len(lc) < 2 or not (lc["update_size"].min() <= size <= lc["update_size"].max()) or size <= 0:
         return math.nan
     return float(np.interp(math.log(size), np.log(lc["update_size"].values), lc["SimAM_delta"].values))
+
+
+def _collapsed_methods(picks: pd.DataFrame) -> str:
+    """Which methods' chosen rates predicted one label on the held-out examples, for a table."""
+    flags = picks["collapsed"]
+    if flags.isna().all():
+        return "not recorded"
+    return ", ".join(m.upper() for m in ("gd", "lcgd") if flags.get(m) is not None and flags.get(m) == True) or "no"  # noqa: E712 (numpy bools)
 
 
 MIN_RATES = 6  # a task's sweep counts once it has this many rates (or as many as the sweep's most-swept task)
@@ -110,7 +124,8 @@ def regimes(sweep: pd.DataFrame) -> dict[str, Any]:
         gd = _at(sweep, task, "gd", lr_gd, "SimAM_delta")
         size = _at(sweep, task, "gd", lr_gd, "update_size")
         per_task.append({"task": task, "lr_gd": lr_gd, "lr_lcgd": lr_lc,
-                         "edge": bool(p.at["gd", "edge"] or p.at["lcgd", "edge"]), "gd": gd,
+                         "edge": bool(p.at["gd", "edge"] or p.at["lcgd", "edge"]),
+                         "collapsed": _collapsed_methods(p), "gd": gd,
                          "a": _at(sweep, task, "lcgd", lr_gd, "SimAM_delta"),
                          "b": _at(sweep, task, "lcgd", lr_lc, "SimAM_delta"), "c": _matched(sweep, task, size),
                          "gd_update_size": size})
@@ -196,9 +211,11 @@ def section(cells: list[dict[str, Any]], out: Path | None = None) -> list[str]:
             v = res["verdicts"].get(key)
             if v:
                 lines.append(f"| ({key}) {name} | {v['wins']} of {v['tasks']} | {v['lcgd']:.3f} | {v['gd']:.3f} | {v['verdict']} |")
-        lines += ["", "| task | GD's chosen rate | LCGD's chosen rate | GD update size | on the sweep's edge |", "|---|---|---|---|---|"]
+        lines += ["", "| task | GD's chosen rate | LCGD's chosen rate | GD update size | on the sweep's edge | "
+                  "collapsed on held-out |", "|---|---|---|---|---|---|"]
         for r in res["per_task"].itertuples():
-            lines.append(f"| {r.task} | {r.lr_gd:g} | {r.lr_lcgd:g} | {r.gd_update_size:.3f} | {'yes' if r.edge else 'no'} |")
+            lines.append(f"| {r.task} | {r.lr_gd:g} | {r.lr_lcgd:g} | {r.gd_update_size:.3f} | {'yes' if r.edge else 'no'} | "
+                         f"{r.collapsed} |")
         lines += ["", "Per rate, tasks where LCGD's SimAM_delta is above GD's: "
                   + "; ".join(f"{b['lr']:g}: {b['wins']} of {b['tasks']}" for b in res["by_rate"]) + ".", ""]
         if res["incomplete"]:

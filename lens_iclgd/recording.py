@@ -78,6 +78,15 @@ class Recording:
     def accuracy(self) -> float:
         return self.correct.float().mean().item()
 
+    def majority_share(self) -> float:
+        return majority_share(self.predictions)
+
+
+def majority_share(predictions: Int[Tensor, "example"]) -> float:
+    """The share of examples on which a run predicts its most frequent option: 1.0 for a
+    run that answers one label whatever the input (findings.COLLAPSED_SHARE)."""
+    return float(torch.bincount(predictions).max()) / len(predictions)
+
 
 def check_position(position: str) -> None:
     if position not in POSITIONS:

@@ -34,7 +34,7 @@ import pandas as pd
 
 from .errors import UserError
 from . import costs, patch_report, rates, shen
-from .findings import CLAIMS, Finding, unavailable
+from .findings import CLAIMS, COLLAPSED_SHARE, Finding, unavailable
 from .config import LOSS_REDUCTIONS
 from .lr_rule import MEAN, SUM, best_lr, format_table
 from .store import atomic_write_bytes, atomic_write_text, read_toml
@@ -48,7 +48,7 @@ TASK_ORDER = PAPER_TASKS  # tables list tasks in the paper's order
 
 COLUMNS = ["cell", "model", "baseline", "task", "seed", "lr", "lr_default", "lr_rule", "lr_source", "plain", "loss", "step_plain",
            "ablate", "k", "n_test", "paper_scale",
-           "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", *METRICS,
+           "acc_zs", "acc_icl", "alpha", "zs_simam", "method", "acc_ft", "heldout_acc", "heldout_share", *METRICS,
            # output-level (Shen et al.) and F2T columns; absent (NaN) in cells from before they were recorded
            "tok_zs", "tok_icl", "tok_ft", "out_top_k_overlap", "out_overlap_cosine", "out_kl", "out_js",
            "zs_icl_kl", "f2t_n", "f2t_SimAOU", "f2t_SimAM_delta"]
@@ -102,7 +102,9 @@ def collect(results_dir: str | Path, model: str | None = None) -> Collected:
         for method, m in r["metrics"].items():
             row = {**base, "method": method, "acc_ft": r["accuracy"][method], "lr": (c.get("lr_by_method") or {}).get(method, c["lr"]),
                    "lr_source": (c.get("lr_source_by_method") or {}).get(method) or c.get("lr_source"),
-                   "heldout_acc": (r.get("heldout_accuracy") or {}).get(method)}
+                   "heldout_acc": (r.get("heldout_accuracy") or {}).get(method),
+                   # absent (NaN) in cells from before it was recorded
+                   "heldout_share": (r.get("heldout_majority_share") or {}).get(method)}
             row.update({name: (m.get(name) or {}).get("mean") for name in METRICS})  # older results lack some
             out = r.get("outputs")
             if out:
@@ -298,18 +300,28 @@ def table2(rows: pd.DataFrame, rule: str = "default", loss: str = SUM, paper_sca
     return seed_table(t, keys)
 
 
+def _rate_flags(r) -> str:
+    flags = [name for name, on in (("edge", r.edge), ("collapsed", r.collapsed is not None and r.collapsed == True)) if on]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
 def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task, method): the lr with the best mean accuracy of that method on
     held-out training examples (ties: the largest such lr, the strongest update that does
-    not hurt). Similarity metrics play no part."""
+    not hurt). Similarity metrics play no part. `collapsed`: at the chosen lr the method
+    predicted one label on at least COLLAPSED_SHARE of the held-out examples in some seed
+    (True), in none (False), or the cells did not record it (None): on an unbalanced held-out
+    set such a model scores the majority label's share and can win the rule."""
     out = []
     for loss in LOSS_REDUCTIONS:  # each loss reduction's rates from its own sweep
         sweep = _sweep_cells(rows, loss)[lambda r: r["method"].isin(["gd", "lcgd"]) & r["heldout_acc"].notna()]
         for (model, task, method), sub in sweep.groupby(["model", "task", "method"]):
             by_lr = sub.groupby("lr")["heldout_acc"].mean()
             lr = best_lr(by_lr.to_dict())
+            shares = sub.loc[sub["lr"] == lr].get("heldout_share", pd.Series(dtype=float)).dropna()  # older cells lack it
             out.append({"model": model, "loss": loss, "task": task, "method": method, "lr": lr, "heldout_acc": by_lr[lr],
                         "seeds": sub["seed"].nunique(), "edge": lr in (by_lr.index.min(), by_lr.index.max()),
+                        "collapsed": bool(shares.max() >= COLLAPSED_SHARE) if len(shares) else None,
                         "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
     return pd.DataFrame(out)
 
@@ -739,9 +751,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, com
                   "Rule: per loss reduction, task and method, the learning rate with the best mean accuracy of that method "
                   "on training examples held out from the demonstrations (ties: the largest), over the seeds swept; "
                   "similarity metrics play no part. A rate at either end of its sweep is marked *edge*: the best may lie "
-                  "outside.", "",
+                  f"outside. A rate at which the method predicted one label on at least {COLLAPSED_SHARE:g} of the held-out "
+                  "examples is marked *collapsed*: the held-out labels are not balanced, so such a model scores the majority "
+                  "label's share and can win (cells from before the share was recorded are not marked).", "",
                   "| model | loss | task | method | lr | held-out acc | seeds | curve (lr: acc) |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r.model} | {r.loss} | {r.task} | {r.method.upper()} | {r.lr:g}{' (edge)' if r.edge else ''} | "
+        lines += [f"| {r.model} | {r.loss} | {r.task} | {r.method.upper()} | {r.lr:g}{_rate_flags(r)} | "
                   f"{r.heldout_acc:.3f} | {r.seeds} | {r.curve} |" for r in lrs.itertuples()]
         lines.append("")
 

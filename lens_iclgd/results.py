@@ -113,6 +113,8 @@ def assemble_results(inp: Inputs, stages: dict[str, dict[str, Any]], outputs: di
             results["losses"][m] = stages[m]["log"].losses.tolist()
             if "heldout" in stages[m]:
                 results.setdefault("heldout_accuracy", {})[m] = stages[m]["heldout"].accuracy()
+                # a collapsed model can win the rate rule where the held-out labels are unbalanced
+                results.setdefault("heldout_majority_share", {})[m] = stages[m]["heldout"].majority_share()
     if outputs is not None:
         results["outputs"] = {
             "top_k": c.top_k, "position": "last prompt token",

@@ -237,3 +237,35 @@ def _run(config: RunConfig, out: Path | None, loaded: LoadedModel | None, stages
         atomic_write_json(Path(out) / "timings.json", timings)
         write_results(Path(out), results, examples_table(inp, stages, outputs), per_layer_table(inp, stages))
     return {**results, "timings_s": timings}
+
+
+def refresh_heldout_shares(cell: str | Path, stages_dir: str | Path, loaded: LoadedModel | None = None) -> dict[str, float]:
+    """Give a cell finished before `heldout_majority_share` was recorded its shares, read
+    from its finetuning stages (nothing is trained: every stage must exist), after checking
+    that those stages reproduce the cell's held-out accuracies. Only that entry is added to
+    results.json, where a fresh run writes it; everything else stays as it was."""
+    path = Path(cell) / "results.json"
+    results = json.loads(path.read_text())
+    c = results["config"]
+    if not results.get("heldout_accuracy"):
+        raise UserError(f"{cell} scored no held-out examples: there is no share to add")
+    config = RunConfig(**{f.name: tuple(c[f.name]) if isinstance(c[f.name], list) else c[f.name]
+                          for f in dataclasses.fields(RunConfig) if f.name in c})
+    inp = prepare(config.validate(), loaded)
+    keys, store = stage_keys(inp, c["lr_by_method"]), StageStore(Path(stages_dir))
+    shares = {}
+    for m, accuracy in results["heldout_accuracy"].items():
+        stage = store.load(m, keys[m])
+        if stage is None or "heldout" not in stage:
+            raise UserError(f"stage {store.path(m, keys[m])} is missing: rerun the cell instead")
+        if stage["heldout"].accuracy() != accuracy:
+            raise UserError(f"{cell}: its {m} stage scores the held-out examples {stage['heldout'].accuracy():.4f}, "
+                            f"the cell {accuracy:.4f}: rerun the cell instead")
+        shares[m] = stage["heldout"].majority_share()
+    fresh = {}
+    for name, value in results.items():  # where assemble_results puts it
+        fresh[name] = value
+        if name == "heldout_accuracy":
+            fresh["heldout_majority_share"] = shares
+    atomic_write_json(path, fresh)
+    return shares

@@ -162,10 +162,14 @@ def _sst2_prompts(loaded):
                          k=3, seed=0, n_test=4, n_heldout=12)
 
 
-def _heldout_accuracy(loaded, p, method, lr):
-    """Independently of the runner: train, score the held-out prompts, restore."""
+def _heldout(loaded, p, method, lr):
+    """Independently of the runner: train, record the held-out prompts, restore."""
     with finetuned(loaded.model, p.demos, p.bos, method, lr, loaded.kv_bias):
-        return record(loaded.model, p.zs_prefix(), p.heldout, p.options).accuracy()
+        return record(loaded.model, p.zs_prefix(), p.heldout, p.options)
+
+
+def _heldout_accuracy(loaded, p, method, lr):
+    return _heldout(loaded, p, method, lr).accuracy()
 
 
 def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
@@ -182,6 +186,10 @@ def test_lr_auto_picks_the_best_held_out_rate_per_method(tiny_hf_dir, tmp_path):
         assert c["lr_auto"][method]["chosen"] == max(lr for lr, a in curve.items() if a == best)
         assert c["lr_by_method"][method] == c["lr_auto"][method]["chosen"]
         assert results["heldout_accuracy"][method] == pytest.approx(best)
+        # the share of held-out examples given the most frequent option, at the chosen rate
+        predicted = _heldout(loaded, p, method, c["lr_by_method"][method]).option_logprobs.argmax(-1).tolist()
+        share = max(predicted.count(o) for o in set(predicted)) / len(predicted)
+        assert results["heldout_majority_share"][method] == pytest.approx(share)
     assert c["lr_rule"] == "auto"
     # a cell at the rates it chose itself is a Table 2 cell (each method at its own chosen rate)
     t2 = table2(collect(tmp_path / "run").rows, "default", "mean").set_index("row")  # a token-mean-loss cell
@@ -315,3 +323,22 @@ def test_a_resumed_grid_takes_the_rates_a_finished_trained_cell_recorded_without
     trained["config"]["demo_rows"] = trained["config"]["demo_rows"][::-1]
     cells["trained"].write_text(json.dumps(trained))
     assert rerun_untrained("machine4") == first and computed.count("gd") == 4 + 1
+
+
+def test_refresh_heldout_shares_adds_only_the_share_a_fresh_run_writes(tiny_hf_dir, tmp_path):
+    loaded = load_model(str(tiny_hf_dir))
+    cfg = RunConfig(task="sst2", model=str(tiny_hf_dir), k=3, n_test=4, lr=0.3, n_heldout=12, data_dir=str(TEST_DATA))
+    out, stages = tmp_path / "cell", tmp_path / "stages"
+    run(cfg, out, loaded, stages_dir=stages)
+    path = out / "results.json"
+    fresh = json.loads(path.read_text())
+    older = {k: v for k, v in fresh.items() if k != "heldout_majority_share"}
+    path.write_text(json.dumps(older))
+    shares = runner.refresh_heldout_shares(out, stages, loaded)
+    assert shares == fresh["heldout_majority_share"]
+    assert list(json.loads(path.read_text())) == list(fresh)  # the same entries, in the same place
+    assert json.loads(path.read_text()) == fresh
+    for f in stages.glob("lcgd-*.pt"):
+        f.unlink()
+    with pytest.raises(UserError, match="missing: rerun the cell"):
+        runner.refresh_heldout_shares(out, stages, loaded)

@@ -37,3 +37,21 @@ def test_regimes_on_a_hand_built_sweep_and_a_short_sweep_left_out():
     assert [(b["lr"], b["wins"], b["tasks"]) for b in res["by_rate"]] == [(1e-3, 1, 1), (1e-2, 1, 1), (1e-1, 1, 1)]
     lines = rates.section([], None)  # no cells: no section
     assert lines == []
+
+
+def test_a_chosen_rate_where_the_method_answered_one_label_on_held_out_is_flagged():
+    """An unbalanced held-out set (20 against 12) lets a collapsed model (share 1.0) score
+    0.625 and win the rule: the pick is flagged, not hidden; cells without the share say so."""
+    rows = []
+    for lr, h_lc, share in ((1e-3, 0.5, 0.7), (1e-2, 0.56, 0.8), (1e-1, 0.625, 1.0)):
+        for m, h, sh in (("gd", 0.6, 0.6), ("lcgd", h_lc, share)):
+            rows.append(_row("t1", lr, m, h, 0.1, 0.1) | {"heldout_share": sh})
+    picks = rates.chosen(pd.DataFrame(rows)).set_index("method")
+    assert picks.loc[["gd", "lcgd"], "lr"].tolist() == [1e-1, 1e-1]  # GD: a tie, so the largest
+    assert picks.loc[["gd", "lcgd"], "collapsed"].tolist() == [False, True]
+    (t1,) = rates.regimes(pd.DataFrame(rows))["per_task"].itertuples()
+    assert t1.collapsed == "LCGD"
+    older = [{k: v for k, v in r.items() if k != "heldout_share"} for r in rows]
+    assert rates.chosen(pd.DataFrame(older))["collapsed"].isna().all()
+    (t1,) = rates.regimes(pd.DataFrame(older))["per_task"].itertuples()
+    assert t1.collapsed == "not recorded"
