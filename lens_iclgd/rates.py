@@ -62,6 +62,15 @@ def sweep_frame(cells: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def collapsed_at(cells: pd.DataFrame, lr: float) -> bool | None:
+    """Whether one method's cells (rows with lr and heldout_share) predicted one label on at
+    least COLLAPSED_SHARE of the held-out examples at `lr`, in some seed; None where none of
+    them recorded the share (older cells): on an unbalanced held-out set such a model scores
+    the majority label's share and can win the rate rule."""
+    shares = cells.loc[cells["lr"] == lr].get("heldout_share", pd.Series(dtype=float)).dropna()
+    return bool(shares.max() >= COLLAPSED_SHARE) if len(shares) else None
+
+
 def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per (task, method): the accuracy-chosen rate (mean held-out accuracy over seeds),
     whether it is the sweep's lowest or highest rate, and whether the method predicted one
@@ -73,9 +82,8 @@ def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
         curve = sub.groupby("lr")["heldout"].mean()
         lr = best_lr({float(k): (None if pd.isna(v) else float(v)) for k, v in curve.items()})
         rates = sorted(sub["lr"].unique())
-        shares = sub.loc[sub["lr"] == lr].get("heldout_share", pd.Series(dtype=float)).dropna()  # older cells lack it
         out.append({"task": task, "method": method, "lr": lr, "edge": lr in (rates[0], rates[-1]) and len(rates) > 1,
-                    "collapsed": bool(shares.max() >= COLLAPSED_SHARE) if len(shares) else None, "n_rates": len(rates)})
+                    "collapsed": collapsed_at(sub, lr), "n_rates": len(rates)})
     return pd.DataFrame(out, columns=["task", "method", "lr", "edge", "collapsed", "n_rates"])
 
 
@@ -99,7 +107,7 @@ def _collapsed_methods(picks: pd.DataFrame) -> str:
     flags = picks["collapsed"]
     if flags.isna().all():
         return "not recorded"
-    return ", ".join(m.upper() for m in ("gd", "lcgd") if flags.get(m) is not None and flags.get(m) == True) or "no"  # noqa: E712 (numpy bools)
+    return ", ".join(m.upper() for m in ("gd", "lcgd") if flags.get(m) or False) or "no"
 
 
 MIN_RATES = 6  # a task's sweep counts once it has this many rates (or as many as the sweep's most-swept task)

@@ -301,27 +301,23 @@ def table2(rows: pd.DataFrame, rule: str = "default", loss: str = SUM, paper_sca
 
 
 def _rate_flags(r) -> str:
-    flags = [name for name, on in (("edge", r.edge), ("collapsed", r.collapsed is not None and r.collapsed == True)) if on]
+    flags = [name for name, on in (("edge", r.edge), ("collapsed", r.collapsed or False)) if on]
     return f" ({', '.join(flags)})" if flags else ""
 
 
 def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task, method): the lr with the best mean accuracy of that method on
     held-out training examples (ties: the largest such lr, the strongest update that does
-    not hurt). Similarity metrics play no part. `collapsed`: at the chosen lr the method
-    predicted one label on at least COLLAPSED_SHARE of the held-out examples in some seed
-    (True), in none (False), or the cells did not record it (None): on an unbalanced held-out
-    set such a model scores the majority label's share and can win the rule."""
+    not hurt). Similarity metrics play no part. `collapsed`: rates.collapsed_at the chosen lr."""
     out = []
     for loss in LOSS_REDUCTIONS:  # each loss reduction's rates from its own sweep
         sweep = _sweep_cells(rows, loss)[lambda r: r["method"].isin(["gd", "lcgd"]) & r["heldout_acc"].notna()]
         for (model, task, method), sub in sweep.groupby(["model", "task", "method"]):
             by_lr = sub.groupby("lr")["heldout_acc"].mean()
             lr = best_lr(by_lr.to_dict())
-            shares = sub.loc[sub["lr"] == lr].get("heldout_share", pd.Series(dtype=float)).dropna()  # older cells lack it
             out.append({"model": model, "loss": loss, "task": task, "method": method, "lr": lr, "heldout_acc": by_lr[lr],
                         "seeds": sub["seed"].nunique(), "edge": lr in (by_lr.index.min(), by_lr.index.max()),
-                        "collapsed": bool(shares.max() >= COLLAPSED_SHARE) if len(shares) else None,
+                        "collapsed": rates.collapsed_at(sub, lr),
                         "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
     return pd.DataFrame(out)
 

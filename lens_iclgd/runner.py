@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .config import fields as config_fields
 from .device import model_device, resolve_device
 from .errors import TrainingDiverged, UserError, check_lr
 from .finetune import METHODS as FT_METHODS
@@ -250,7 +251,7 @@ def refresh_heldout_shares(cell: str | Path, stages_dir: str | Path, loaded: Loa
     if not results.get("heldout_accuracy"):
         raise UserError(f"{cell} scored no held-out examples: there is no share to add")
     config = RunConfig(**{f.name: tuple(c[f.name]) if isinstance(c[f.name], list) else c[f.name]
-                          for f in dataclasses.fields(RunConfig) if f.name in c})
+                          for f in config_fields() if f.name in c})
     inp = prepare(config.validate(), loaded)
     keys, store = stage_keys(inp, c["lr_by_method"]), StageStore(Path(stages_dir))
     shares = {}
@@ -258,8 +259,8 @@ def refresh_heldout_shares(cell: str | Path, stages_dir: str | Path, loaded: Loa
         stage = store.load(m, keys[m])
         if stage is None or "heldout" not in stage:
             raise UserError(f"stage {store.path(m, keys[m])} is missing: rerun the cell instead")
-        if stage["heldout"].accuracy() != accuracy:
-            raise UserError(f"{cell}: its {m} stage scores the held-out examples {stage['heldout'].accuracy():.4f}, "
+        if (scored := stage["heldout"].accuracy()) != accuracy:
+            raise UserError(f"{cell}: its {m} stage scores the held-out examples {scored:.4f}, "
                             f"the cell {accuracy:.4f}: rerun the cell instead")
         shares[m] = stage["heldout"].majority_share()
     fresh = {}
