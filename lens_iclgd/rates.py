@@ -72,9 +72,12 @@ def collapsed_at(cells: pd.DataFrame, lr: float) -> bool | None:
 
 
 def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, method): the accuracy-chosen rate (mean held-out accuracy over seeds),
-    whether it is the sweep's lowest or highest rate, and whether the method predicted one
-    label on at least COLLAPSED_SHARE of the held-out examples there (None: not recorded)."""
+    """Per (task, method): the accuracy-chosen rate (lr_rule.best_lr on the mean held-out
+    accuracy over seeds), its accuracy, the seeds it rests on, whether it is the sweep's
+    lowest or highest rate, and whether the method predicted one label on at least
+    COLLAPSED_SHARE of the held-out examples there (None: not recorded). `curve` is the
+    held-out accuracy at every rate, for a table. The one place the rate rule is applied
+    to cells: the report's chosen-rates table and the regimes below both call it."""
     out = []
     for (task, method), sub in sweep.groupby(["task", "method"]):
         if sub["heldout"].isna().all():
@@ -82,9 +85,11 @@ def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
         curve = sub.groupby("lr")["heldout"].mean()
         lr = best_lr({float(k): (None if pd.isna(v) else float(v)) for k, v in curve.items()})
         rates = sorted(sub["lr"].unique())
-        out.append({"task": task, "method": method, "lr": lr, "edge": lr in (rates[0], rates[-1]) and len(rates) > 1,
-                    "collapsed": collapsed_at(sub, lr), "n_rates": len(rates)})
-    return pd.DataFrame(out, columns=["task", "method", "lr", "edge", "collapsed", "n_rates"])
+        out.append({"task": task, "method": method, "lr": lr, "heldout_acc": float(curve[lr]),
+                    "seeds": int(sub.loc[sub["heldout"].notna(), "seed"].nunique()),
+                    "edge": lr in (rates[0], rates[-1]) and len(rates) > 1, "collapsed": collapsed_at(sub, lr),
+                    "n_rates": len(rates), "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in curve.dropna().items())})
+    return pd.DataFrame(out, columns=["task", "method", "lr", "heldout_acc", "seeds", "edge", "collapsed", "n_rates", "curve"])
 
 
 def _at(sweep: pd.DataFrame, task: str, method: str, lr: float, col: str) -> float:

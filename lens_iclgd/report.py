@@ -36,7 +36,7 @@ from .errors import UserError
 from . import costs, patch_report, rates, shen
 from .findings import CLAIMS, COLLAPSED_SHARE, Finding, unavailable
 from .config import LOSS_REDUCTIONS
-from .lr_rule import MEAN, SUM, best_lr, format_table
+from .lr_rule import MEAN, SUM, format_table
 from .store import atomic_write_bytes, atomic_write_text, read_toml
 from .tasks import PAPER_TASKS
 
@@ -306,20 +306,16 @@ def _rate_flags(r) -> str:
 
 
 def choose_learning_rates(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, task, method): the lr with the best mean accuracy of that method on
-    held-out training examples (ties: the largest such lr, the strongest update that does
-    not hurt). Similarity metrics play no part. `collapsed`: rates.collapsed_at the chosen lr."""
+    """Per (model, loss reduction, task, method): rates.chosen on that model's sweep of that
+    loss reduction (held-out accuracy only; similarity metrics play no part)."""
     out = []
     for loss in LOSS_REDUCTIONS:  # each loss reduction's rates from its own sweep
         sweep = _sweep_cells(rows, loss)[lambda r: r["method"].isin(["gd", "lcgd"]) & r["heldout_acc"].notna()]
-        for (model, task, method), sub in sweep.groupby(["model", "task", "method"]):
-            by_lr = sub.groupby("lr")["heldout_acc"].mean()
-            lr = best_lr(by_lr.to_dict())
-            out.append({"model": model, "loss": loss, "task": task, "method": method, "lr": lr, "heldout_acc": by_lr[lr],
-                        "seeds": sub["seed"].nunique(), "edge": lr in (by_lr.index.min(), by_lr.index.max()),
-                        "collapsed": rates.collapsed_at(sub, lr),
-                        "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in by_lr.items())})
-    return pd.DataFrame(out)
+        for model, sub in sweep.groupby("model"):
+            picks = rates.chosen(sub.rename(columns={"heldout_acc": "heldout"}))
+            out.append(picks.assign(model=model, loss=loss))
+    cols = ["model", "loss", "task", "method", "lr", "heldout_acc", "seeds", "edge", "collapsed", "curve"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
 # --- figures ---------------------------------------------------------------------------------
