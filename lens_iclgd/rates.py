@@ -74,8 +74,9 @@ def collapsed_at(cells: pd.DataFrame, lr: float) -> bool | None:
 def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per (task, method): the accuracy-chosen rate (lr_rule.best_lr on the mean held-out
     accuracy over seeds), its accuracy, the seeds it rests on, whether it is the sweep's
-    lowest or highest rate, and whether the method predicted one label on at least
-    COLLAPSED_SHARE of the held-out examples there (None: not recorded). `curve` is the
+    lowest or highest rate (a lone rate is both: the best may lie outside), and whether
+    the method predicted one label on at least COLLAPSED_SHARE of the held-out examples
+    there (None: not recorded). `curve` is the
     held-out accuracy at every rate, for a table. The one place the rate rule is applied
     to cells: the report's chosen-rates table and the regimes below both call it."""
     out = []
@@ -87,7 +88,7 @@ def chosen(sweep: pd.DataFrame) -> pd.DataFrame:
         rates = sorted(sub["lr"].unique())
         out.append({"task": task, "method": method, "lr": lr, "heldout_acc": float(curve[lr]),
                     "seeds": int(sub.loc[sub["heldout"].notna(), "seed"].nunique()),
-                    "edge": lr in (rates[0], rates[-1]) and len(rates) > 1, "collapsed": collapsed_at(sub, lr),
+                    "edge": lr in (rates[0], rates[-1]), "collapsed": collapsed_at(sub, lr),
                     "n_rates": len(rates), "curve": ", ".join(f"{l:g}: {a:.3f}" for l, a in curve.dropna().items())})
     return pd.DataFrame(out, columns=["task", "method", "lr", "heldout_acc", "seeds", "edge", "collapsed", "n_rates", "curve"])
 

@@ -55,3 +55,9 @@ def test_a_chosen_rate_where_the_method_answered_one_label_on_held_out_is_flagge
     assert rates.chosen(pd.DataFrame(older))["collapsed"].isna().all()
     (t1,) = rates.regimes(pd.DataFrame(older))["per_task"].itertuples()
     assert t1.collapsed == "not recorded"
+
+
+def test_a_rate_chosen_from_a_single_rate_sweep_is_an_edge():
+    """With one rate swept the best may lie on either side of it: the pick is flagged."""
+    rows = [_row("t1", 1e-3, m, 0.6, 0.1, 0.1) for m in ("gd", "lcgd")]
+    assert rates.chosen(pd.DataFrame(rows))["edge"].tolist() == [True, True]
